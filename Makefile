@@ -1,0 +1,28 @@
+# `make install` sets up a fresh machine (CPU); `make test` runs lint and the whole test suite.
+# OpenRLHF pins flash-attn and vLLM, which need CUDA: we install it with --no-deps plus every other
+# requirement read from its own metadata, so the real OpenRLHF code runs on CPU in the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OPENRLHF_VERSION ?= 0.11.2
+# The second supported release is tested from its own --no-deps copy, put first on PYTHONPATH.
+OPENRLHF_OLD_VERSION ?= 0.9.10
+OPENRLHF_OLD_DIR := $(VENV)/openrlhf-$(OPENRLHF_OLD_VERSION)
+
+.PHONY: install test lint
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps openrlhf==$(OPENRLHF_VERSION)
+	$(PY) -c "import importlib.metadata as m; print('\n'.join(r for r in m.requires('openrlhf') \
+		if 'extra ==' not in r and not r.startswith(('flash-attn', 'vllm'))))" > $(VENV)/openrlhf-requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/openrlhf-requirements.txt
+	$(PY) -m pip install -q --no-deps --target $(OPENRLHF_OLD_DIR) openrlhf==$(OPENRLHF_OLD_VERSION)
+	$(PY) -m pip install -q -e '.[server,eval,dev]'
+
+lint:
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q

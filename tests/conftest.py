@@ -1,0 +1,39 @@
+"""Shared test setup: CPU stand-ins for flash_attn/vllm (tests only) and a subprocess environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STUBS = REPO / "tests" / "stubs"
+
+# The real OpenRLHF imports flash_attn and vllm at module level; on CPU these stand-ins take their place.
+if str(STUBS) not in sys.path:
+    sys.path.insert(0, str(STUBS))
+
+
+@pytest.fixture
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes (CLIs, servers, Ray workers) that need the stand-ins too."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(STUBS), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
