@@ -9,7 +9,7 @@ OPENRLHF_VERSION ?= 0.11.2
 OPENRLHF_OLD_VERSION ?= 0.9.10
 OPENRLHF_OLD_DIR := $(VENV)/openrlhf-$(OPENRLHF_OLD_VERSION)
 
-.PHONY: install test lint
+.PHONY: install test lint test-openrlhf-old
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
@@ -26,3 +26,8 @@ lint:
 
 test: lint
 	$(PY) -m pytest -q
+	$(MAKE) test-openrlhf-old
+
+# The integration tests again, against the second supported OpenRLHF release (its copy first on PYTHONPATH).
+test-openrlhf-old:
+	PYTHONPATH=$(OPENRLHF_OLD_DIR) $(PY) -m pytest -q tests/test_integration.py tests/test_integration_ray.py

@@ -1,0 +1,416 @@
+"""Advantage estimators for Pass@k Training: a registry of plain functions over a (G, N) reward tensor.
+
+G prompts, N rollouts each. Every estimator is `fn(rewards, *, k, <variant params>) -> (G, N)` advantages
+with the dtype and device of `rewards`; the math runs in float64. Formulas and their sources:
+`ALGORITHMS.md` (Chen et al. 2025 "Pass@k Training", Walder & Karkhanis 2025 "PKPO").
+
+    from openrlhf_passk import advantages
+    adv = advantages.compute("passk", rewards, k=4)
+
+    @advantages.register("my_estimator")
+    def my_estimator(rewards, *, k): ...
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import numbers
+from collections.abc import Callable
+
+import torch
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register(name: str, *, override: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: add an estimator `fn(rewards: Tensor[G, N], **params) -> Tensor[G, N]` under `name`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register: name must be a non-empty string, got {name!r}")
+
+    def decorator(fn: Callable) -> Callable:
+        if name in ADVANTAGE_ESTIMATORS and not override:
+            raise ValueError(
+                f"register: an advantage estimator named {name!r} already exists; "
+                "pick another name or pass override=True to replace it"
+            )
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return decorator
+
+
+def available() -> list[str]:
+    """Names of the registered estimators, in registration order."""
+    return list(ADVANTAGE_ESTIMATORS)
+
+
+def get(name: str) -> Callable[..., torch.Tensor]:
+    """The estimator registered under `name` (ValueError listing the known names otherwise)."""
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; available: {', '.join(available())}")
+    return ADVANTAGE_ESTIMATORS[name]
+
+
+def compute(name: str, rewards: torch.Tensor, **params) -> torch.Tensor:
+    """Advantages of `rewards` (G, N) by the estimator `name`, with its keyword parameters checked first.
+
+    Unknown or missing parameters, a bad `k` and bad rewards raise ValueError before the estimator runs,
+    so users' estimators added with `register` get the same checks as the built-in ones.
+    """
+    fn = get(name)
+    keywords = {
+        p.name: p
+        for p in list(inspect.signature(fn).parameters.values())[1:]
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    unknown = sorted(set(params) - set(keywords))
+    if unknown and not takes_any:
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(unknown)} for advantage estimator {name!r}; "
+            f"it accepts: {', '.join(keywords) or 'no parameters'}"
+        )
+    missing = [p for p, spec in keywords.items() if spec.default is spec.empty and p not in params]
+    if missing:
+        raise ValueError(f"advantage estimator {name!r} needs parameter(s): {', '.join(missing)}")
+    _check(rewards, params.get("k"))
+    out = fn(rewards, **params)
+    if not isinstance(out, torch.Tensor) or out.shape != rewards.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"advantage estimator {name!r} returned {got}, expected shape {tuple(rewards.shape)}"
+        )
+    return out
+
+
+def _check(rewards: torch.Tensor, k: int | None = None, *, binary: str = "") -> torch.Tensor:
+    """Validate a (G, N) reward tensor (and k, if given); return it as float64.
+
+    `binary` names an estimator that is only defined for 0/1 rewards.
+    """
+    if not isinstance(rewards, torch.Tensor):
+        raise ValueError(f"rewards must be a torch.Tensor of shape (G, N), got {type(rewards).__name__}")
+    if rewards.dim() != 2 or rewards.shape[1] < 1:
+        raise ValueError(
+            f"rewards must have shape (G, N) = (prompts, rollouts per prompt) with N >= 1, got "
+            f"{tuple(rewards.shape)}; reshape flat rewards with rewards.view(-1, n_samples_per_prompt)"
+        )
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a floating-point tensor, got {rewards.dtype}; use rewards.float()")
+    r = rewards.detach().to(torch.float64)
+    if not torch.isfinite(r).all():
+        g, i = (int(x) for x in (~torch.isfinite(r)).nonzero()[0])
+        raise ValueError(f"rewards must be finite; rewards[{g}, {i}] = {r[g, i].item()} (NaN or inf)")
+    n = r.shape[1]
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise ValueError(f"k must be an integer, got {k!r}")
+        if not 1 <= k <= n:
+            raise ValueError(
+                f"k must satisfy 1 <= k <= N, got k={k} with N={n} rollouts per prompt; "
+                "lower k or raise n_samples_per_prompt"
+            )
+    if binary:
+        not01 = (r != 0) & (r != 1)
+        if not01.any():
+            g, i = (int(x) for x in not01.nonzero()[0])
+            raise ValueError(
+                f"rewards must be binary (0 or 1) for {binary!r}, got rewards[{g}, {i}] = {r[g, i].item()}; "
+                "use 'passk' or 'pkpo', which also take continuous rewards"
+            )
+    return r
+
+
+def _log_comb(n, r) -> torch.Tensor:
+    """log C(n, r) in float64, broadcasting; -inf where C(n, r) = 0 (r < 0 or r > n)."""
+    n = torch.as_tensor(n, dtype=torch.float64)
+    r = torch.as_tensor(r, dtype=torch.float64)
+    n0, r0 = n.clamp(min=0), r.clamp(min=0)
+    out = torch.lgamma(n0 + 1) - torch.lgamma(r0 + 1) - torch.lgamma((n0 - r0).clamp(min=0) + 1)
+    return torch.where((r >= 0) & (r <= n), out, torch.full_like(out, -math.inf))
+
+
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / std per row, population std; rows whose values are all equal give 0."""
+    # Scale first so huge rewards cannot overflow the squares; the result is scale-free anyway.
+    x = x / x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    centred = x - x.mean(dim=1, keepdim=True)
+    std = centred.pow(2).mean(dim=1, keepdim=True).sqrt()
+    # Test constancy exactly: a rounded mean can leave a tiny non-zero std for equal values.
+    constant = (x == x[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(constant, 0.0, centred / torch.where(constant, 1.0, std))
+
+
+def _contains_max_mean(v: torch.Tensor, k: int) -> torch.Tensor:
+    """For rows `v` sorted ascending: at position p, the mean over the k-subsets containing p of their max.
+
+    Of the C(N-1, k-1) subsets containing p, C(p-1, k-1) have p itself as the max and C(j-2, k-2) have
+    the larger position j as the max (positions 1-based), so the mean is
+    (C(p-1, k-1) v_p + sum_{j > p} C(j-2, k-2) v_j) / C(N-1, k-1): one suffix sum per row.
+    """
+    n = v.shape[1]
+    j = torch.arange(1, n + 1, dtype=torch.float64, device=v.device)
+    log_norm = _log_comb(n - 1, k - 1)
+    self_max = torch.exp(_log_comb(j - 1, k - 1) - log_norm)
+    other_max = torch.exp(_log_comb(j - 2, k - 2) - log_norm)
+    suffix = (other_max * v).flip(1).cumsum(1).flip(1)
+    above = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], dim=1)
+    return self_max * v + above
+
+
+def _loo_max_mean(v: torch.Tensor, m: int) -> torch.Tensor:
+    """For rows `v` sorted ascending: at position p, the mean max over the m-subsets of the OTHER N-1 values.
+
+    Without p, position j < p keeps rank j and j > p becomes rank j-1, so the mean is
+    (sum_{j < p} C(j-1, m-1) v_j + sum_{j > p} C(j-2, m-1) v_j) / C(N-1, m).
+    """
+    n = v.shape[1]
+    j = torch.arange(1, n + 1, dtype=torch.float64, device=v.device)
+    log_norm = _log_comb(n - 1, m)
+    below_w = torch.exp(_log_comb(j - 1, m - 1) - log_norm)
+    above_w = torch.exp(_log_comb(j - 2, m - 1) - log_norm)
+    prefix = (below_w * v).cumsum(1)
+    below = torch.cat([torch.zeros_like(prefix[:, :1]), prefix[:, :-1]], dim=1)
+    suffix = (above_w * v).flip(1).cumsum(1).flip(1)
+    above = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], dim=1)
+    return below + above
+
+
+@functools.lru_cache(maxsize=256)
+def _passk_binary_table(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_pos and A_neg of `passk` for N_pos = 0..n correct answers (CPU float64, cached per (n, k)).
+
+    With q = C(N_neg, k)/C(N, k) the formulas reduce to A_pos = sqrt(q / (1 - q)) and
+    A_neg = -(N_pos / N_neg) A_pos, because C(N_neg-1, k-1)/C(N-1, k-1) = q N / N_neg.
+    """
+    n_pos = torch.arange(n + 1, dtype=torch.float64)
+    n_neg = n - n_pos
+    # log q by the running product q(N_pos) = q(N_pos - 1) (N_neg + 1 - k) / (N_neg + 1): each factor is
+    # exact to rounding, and logs keep q meaningful far below float64's range (N = 4096, k = 1024).
+    factor = torch.log1p(-k / (n - n_pos[1:] + 1).clamp(min=k + 1))
+    log_q = torch.cat([torch.zeros(1, dtype=torch.float64), factor.cumsum(0)])
+    log_q = torch.where(n_neg >= k, log_q, -math.inf)
+    # 1 - q = -expm1(log q) stays accurate when q is close to 1 (one correct answer among many).
+    live = (n_pos > 0) & (n_neg >= k)  # sigma = 0 otherwise: all advantages 0
+    safe_log_q = torch.where(live, log_q, -1.0)
+    a_pos = torch.where(live, torch.exp(0.5 * (safe_log_q - torch.log(-torch.expm1(safe_log_q)))), 0.0)
+    a_neg = -n_pos / n_neg.clamp(min=1) * a_pos + 0.0  # + 0.0 turns -0.0 into 0.0
+    return a_pos, a_neg
+
+
+@register("grpo")
+def grpo(rewards: torch.Tensor) -> torch.Tensor:
+    """Pass@1 (GRPO): A_i = (r_i - mean(r)) / std(r), population std; 0 where std == 0.
+
+    OpenRLHF's `group_norm` divides by the Bessel-corrected std (+1e-9) instead, a factor sqrt((N-1)/N)
+    apart; the population std makes passk with k = 1 equal this exactly.
+    """
+    return _standardise(_check(rewards)).to(rewards.dtype)
+
+
+@register("passk")
+def passk(rewards: torch.Tensor, *, k: int) -> torch.Tensor:
+    """Analytic Pass@k (default): the exact expectation of full-sampling advantages over all k-subsets.
+
+    Binary: Rbar = 1 - C(N_neg,k)/C(N,k), sigma = sqrt(Rbar (1 - Rbar)), A_pos = (1 - Rbar)/sigma,
+    A_neg = (1 - Rbar - C(N_neg-1,k-1)/C(N-1,k-1))/sigma; 0 when sigma = 0.
+    Continuous (order statistics, r sorted ascending): w_j = C(j-1,k-1)/C(N,k) = P(subset max is r_j),
+    Rbar = sum_j w_j r_j, sigma^2 = sum_j w_j (r_j - Rbar)^2, d_j = (r_j - Rbar)/sigma and
+    A_p = (C(p-1,k-1) d_p + sum_{j>p} C(j-2,k-2) d_j) / C(N-1,k-1). Exact, O(N log N) per group.
+    """
+    r = _check(rewards, k)
+    n = r.shape[1]
+    if ((r == 0) | (r == 1)).all():
+        # Binary fast path: the advantages depend only on (N, k, N_pos), so gather from a table.
+        a_pos, a_neg = (t.to(r.device) for t in _passk_binary_table(n, k))
+        n_pos = r.sum(dim=1).long()
+        return torch.where(r == 1, a_pos[n_pos].unsqueeze(1), a_neg[n_pos].unsqueeze(1)).to(rewards.dtype)
+
+    v, order = r.sort(dim=1)
+    # Work in units of the group's range, measured down from its top value: then top - Rbar is a sum of
+    # non-negative terms and stays accurate when sigma is tiny. The advantage is shift/scale-free.
+    v = v / v.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    span = v[:, -1:] - v[:, :1]
+    x = (v - v[:, -1:]) / torch.where(span > 0, span, 1.0)
+    j = torch.arange(1, n + 1, dtype=torch.float64, device=r.device)
+    w = torch.exp(_log_comb(j - 1, k - 1) - _log_comb(n, k))
+    dev = x - (w * x).sum(dim=1, keepdim=True)  # r_j - Rbar
+    sigma = (w * dev.pow(2)).sum(dim=1, keepdim=True).sqrt()
+    # The subset max is constant exactly when the k-th smallest equals the largest (w_j = 0 for j < k).
+    constant = (v[:, k - 1 : k] == v[:, -1:]) | (sigma == 0)
+    adv = _contains_max_mean(dev / torch.where(constant, 1.0, sigma), k)
+    adv = torch.where(constant, 0.0, adv)
+    return torch.empty_like(adv).scatter_(1, order, adv).to(rewards.dtype)
+
+
+@register("passk_full")
+def passk_full(rewards: torch.Tensor, *, k: int) -> torch.Tensor:
+    """Full sampling: disjoint groups of k rollouts, in order; each gets its group's standardised max.
+
+    R_g = max of group g; A_g = (R_g - mean R) / std R over the N/k groups (population std, 0 if
+    std == 0); every response gets its group's A_g. N % k != 0 is an error.
+    """
+    r = _check(rewards, k)
+    g, n = r.shape
+    if n % k:
+        raise ValueError(
+            f"passk_full splits the N={n} rollouts into groups of k={k}, so N must be a multiple of k; "
+            f"choose k among {[d for d in range(1, n + 1) if n % d == 0]} or use 'passk'"
+        )
+    group_max = r.view(g, n // k, k).amax(dim=2)
+    return _standardise(group_max).repeat_interleave(k, dim=1).to(rewards.dtype)
+
+
+@register("passk_bootstrap")
+def passk_bootstrap(
+    rewards: torch.Tensor,
+    *,
+    k: int,
+    num_groups: int | None = None,
+    seed: int | None = None,
+    reduce: str = "mean",
+) -> torch.Tensor:
+    """Bootstrap sampling: M random k-subsets per prompt; each rollout averages its subsets' advantages.
+
+    Draw M = num_groups (default N) groups of k distinct rollouts per prompt (independent groups);
+    A_g = (R_g - mean R) / std R over the M group maxima R_g (population std, 0 if std == 0);
+    A_i = mean (reduce="mean") or sum (reduce="sum", the paper's literal form) of A_g over the groups
+    containing i, 0 if none. Converges to `passk` as M grows. seed=None draws from torch's global RNG.
+    """
+    r = _check(rewards, k)
+    g, n = r.shape
+    m = n if num_groups is None else num_groups
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+        raise ValueError(f"num_groups must be a positive integer (default N), got {num_groups!r}")
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    # k distinct indices per group = the k smallest of N uniform keys. Keys are drawn in chunks of
+    # prompts so that memory stays bounded (G * M * N keys would not fit for N in the thousands).
+    rows = max(1, 2**22 // (m * n))
+    chunks = [torch.zeros(0, m, k, dtype=torch.long)]
+    for start in range(0, g, rows):
+        keys = torch.rand(min(rows, g - start), m, n, generator=generator, dtype=torch.float64)
+        chunks.append(keys.topk(k, dim=2, largest=False).indices)
+    idx = torch.cat(chunks).to(r.device)
+    group_max = r.gather(1, idx.view(g, m * k)).view(g, m, k).amax(dim=2)
+    group_adv = _standardise(group_max).repeat_interleave(k, dim=1)
+    flat = idx.view(g, m * k)
+    total = torch.zeros_like(r).scatter_add_(1, flat, group_adv)
+    if reduce == "mean":
+        count = torch.zeros_like(r).scatter_add_(1, flat, torch.ones_like(group_adv))
+        total = total / count.clamp(min=1)
+    return total.to(rewards.dtype)
+
+
+@register("pkpo")
+def pkpo(rewards: torch.Tensor, *, k: int, baseline: str = "loo-1") -> torch.Tensor:
+    """PKPO transformed rewards (unbiased gradient weights for max@k; pass@k for 0/1 rewards).
+
+    s_i = (1/C(N,k)) sum over the k-subsets containing i of the subset max; binary: k/N if correct,
+    (k/N) (1 - C(N-c,k-1)/C(N-1,k-1)) if wrong (c correct). Baselines from the other N-1 rewards g_-i,
+    with rho(g; m) = mean over m-subsets of g of the subset max:
+    "none": s_i; "loo": s_i - k/(N-1) rho(g_-i; k) (needs k <= N-1);
+    "loo-1" (default): s_i - (k/N) rho(g_-i; k-1) = (k/N) mean over (k-1)-subsets T of the others of
+    max(r_i - max T, 0); binary: wrong -> 0, correct -> (k/N) C(N-c,k-1)/C(N-1,k-1).
+    At k = 1 there are no (k-1)-subsets to compare with, so "loo-1" uses the "loo" baseline there.
+    """
+    r = _check(rewards, k)
+    n = r.shape[1]
+    if baseline not in ("none", "loo", "loo-1"):
+        raise ValueError(f"baseline must be one of 'none', 'loo', 'loo-1', got {baseline!r}")
+    requested = baseline
+    if baseline == "loo-1" and k == 1:
+        baseline = "loo"
+    if baseline == "loo" and k > n - 1:
+        raise ValueError(
+            f"baseline={requested!r} with k={k} averages over k-subsets of the other N-1 rollouts, so it "
+            f"needs k <= N-1; got N={n}; use baseline='loo-1' (k >= 2), 'none', or more rollouts"
+        )
+    v, order = r.sort(dim=1)
+    if baseline == "loo-1":
+        # The marginal form: only the C(L, k-1) subsets T of the L values strictly below r_i count, and
+        # sum_T max T = sum_{j <= L} C(j-1, k-2) v_j. Unlike s_i minus a baseline, for 0/1 rewards this
+        # subtracts nothing: tiny advantages keep their precision and wrong answers get exactly 0.
+        v = v - v[:, :1]
+        below = torch.searchsorted(v, v)  # L per position: ties are not below
+        j = torch.arange(1, n + 1, dtype=torch.float64, device=r.device)
+        log_norm = _log_comb(n - 1, k - 1)
+        prefix = torch.cat(
+            [torch.zeros_like(v[:, :1]), (torch.exp(_log_comb(j - 1, k - 2) - log_norm) * v).cumsum(1)], 1
+        )
+        adv = k / n * (torch.exp(_log_comb(below, k - 1) - log_norm) * v - prefix.gather(1, below))
+    else:
+        adv = k / n * _contains_max_mean(v, k)
+        if baseline == "loo":
+            adv = adv - k / (n - 1) * _loo_max_mean(v, k)
+    return torch.empty_like(adv).scatter_(1, order, adv).to(rewards.dtype)
+
+
+@register("passk_combination")
+def passk_combination(rewards: torch.Tensor, *, k: int) -> torch.Tensor:
+    """Combination (binary): A = (N_pos/N) A_passk + (1 - N_pos/N) A_grpo.
+
+    Easy prompts (many correct) lean on Pass@k, hard ones on Pass@1."""
+    r = _check(rewards, k, binary="passk_combination")
+    share = r.mean(dim=1, keepdim=True)
+    return (share * passk(r, k=k) + (1 - share) * grpo(r)).to(rewards.dtype)
+
+
+@register("passk_exceed")
+def passk_exceed(
+    rewards: torch.Tensor, *, k: int, f: str | Callable[[torch.Tensor, int], torch.Tensor] = "linear"
+) -> torch.Tensor:
+    """Exceeding (binary): A = f(N_pos) A_passk, f non-increasing in N_pos so hard prompts weigh more.
+
+    f="linear" (default): f(N_pos) = 1 - N_pos/N, the share of wrong rollouts (the paper's f is garbled
+    in public copies). Or a callable f(n_pos: Tensor of 0..N, N) -> Tensor of N+1 finite weights.
+    """
+    r = _check(rewards, k, binary="passk_exceed")
+    n = r.shape[1]
+    n_pos = torch.arange(n + 1, dtype=torch.float64, device=r.device)
+    if f == "linear":
+        weight = 1 - n_pos / n
+    elif callable(f):
+        weight = torch.as_tensor(f(n_pos, n), dtype=torch.float64, device=r.device)
+        if weight.shape != n_pos.shape or not torch.isfinite(weight).all() or (weight.diff() > 0).any():
+            raise ValueError(
+                f"f must map N_pos = 0..{n} to {n + 1} finite, non-increasing weights; got {weight.tolist()}"
+            )
+    else:
+        raise ValueError(f"f must be 'linear' or a callable f(n_pos, N), got {f!r}")
+    return (weight[r.sum(dim=1).long()].unsqueeze(1) * passk(r, k=k)).to(rewards.dtype)
+
+
+def k_schedule(
+    step: int, *, k_start: int, k_end: int = 1, total_steps: int, kind: str = "linear", switch_at: float = 0.5
+) -> int:
+    """k for training step `step` (0-based), annealing k_start -> k_end over total_steps.
+
+    "constant": k_start. "linear": round(k_start + (k_end - k_start) * min(step / total_steps, 1)).
+    "step": k_start while step < switch_at * total_steps, then k_end (Pass@k, then Pass@1).
+    """
+    for name, value, low in (
+        ("step", step, 0),
+        ("k_start", k_start, 1),
+        ("k_end", k_end, 1),
+        ("total_steps", total_steps, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"k_schedule: {name} must be an integer >= {low}, got {value!r}")
+    if kind == "constant":
+        return int(k_start)
+    if kind == "linear":
+        progress = min(step / total_steps, 1.0)
+        return int(math.floor(k_start + (k_end - k_start) * progress + 0.5))
+    if kind == "step":
+        if isinstance(switch_at, bool) or not isinstance(switch_at, numbers.Real) or not 0 <= switch_at <= 1:
+            raise ValueError(
+                f"k_schedule: switch_at must be a fraction of total_steps in [0, 1], not {switch_at!r}"
+            )
+        return int(k_start if step < switch_at * total_steps else k_end)
+    raise ValueError(f"k_schedule: kind must be 'constant', 'linear' or 'step', got {kind!r}")

@@ -1,0 +1,442 @@
+"""SimKO (Peng et al. 2025) in OpenRLHF: flags, validation and the post-import patches.
+
+The hook machinery (`hooks.py`) calls `add_arguments(parser)` and `validate(args)` on the training
+parser and runs `PATCHES[module_name](module)` once that upstream module has been imported, in the
+driver and in every Ray worker. Every wrapper calls the original unchanged unless `--simko` is on.
+
+Data flow with `--simko`:
+1. Experience time, in the policy Ray actor: `PolicyModelActor.forward` runs the usual actor forward
+   and, from the logits already in memory, takes each position's top-K ids, entropy and top-1
+   probability (in chunks of positions, see `losses.topk_and_entropy`). It returns them next to the
+   log-probs; the driver's `RemoteExperienceMaker` stores on each Experience the ids, the per-response
+   entropy gate (tau-quantile), the entropies and correct = (reward > 0.5), and logs the
+   over-concentration signals in `experience.info`.
+2. Those are dataclass fields added to `Experience` (step fields follow the per-token padding,
+   trimming, splitting, shuffling and balancing; `simko_correct` is an episode field). The ids are
+   stored token-major and flattened, (B, A * K), because OpenRLHF pads step fields along the last
+   dimension and trims them along the first.
+3. Training: `ActorPPOTrainer.training_step` puts the batch's ids on the trainer; the actor forward
+   gathers the current candidate log-probs from the logits at those ids (no K-fold expansion), and
+   the policy loss receives SimKO's surrogate log-probs and scaled advantages (`losses.apply_simko`),
+   then runs unchanged (PPO clipping, aggregation, IS corrections as configured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from openrlhf_passk.losses import apply_simko, candidate_log_probs, entropy_gate, topk_and_entropy
+
+EXPERIENCE_MODULE = "openrlhf.trainer.ppo_utils.experience"
+EXPERIENCE_MAKER_MODULE = "openrlhf.trainer.ppo_utils.experience_maker"
+PPO_ACTOR_MODULE = "openrlhf.trainer.ray.ppo_actor"
+RING_ATTN_MODULE = "openrlhf.models.ring_attn_utils"
+
+# Responses with reward above this count as correct (binary 0/1 rewards; documented in the README).
+CORRECT_THRESHOLD = 0.5
+
+# New Experience fields -> OpenRLHF tensor role ("step": per token, "episode": per response).
+EXPERIENCE_FIELDS = {
+    "simko_topk_ids": "step",  # (B, A * K) int32, token-major: old policy's top-K ids at each position
+    "simko_gate": "step",  # (B, A) float 0/1: entropy above the response's tau-quantile
+    "simko_entropy": "step",  # (B, A) float: old policy's entropy at each position
+    "simko_correct": "episode",  # (B,) float 0/1: reward > CORRECT_THRESHOLD
+}
+
+UPSTREAM_SYMBOLS: list[dict[str, str]] = [
+    {
+        "symbol": f"{EXPERIENCE_MODULE}.Experience",
+        "use": "dataclass fields added in place (EXPERIENCE_FIELDS, default None) and __init__ wrapped to "
+        "accept them, once SimKO is enabled in the process; read: tensor_field, the 'step'/'episode' roles",
+        "checked": "0.11.2, 0.9.10",
+    },
+    {
+        "symbol": f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker.__init__",
+        "use": "wrapped: adds the Experience fields in the driver when args.simko",
+        "checked": "0.11.2, 0.9.10",
+    },
+    {
+        "symbol": f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker._flatten_results",
+        "use": "wrapped: unpacks the policy actor's SimKO dicts into log-probs (kept for make_experience)",
+        "checked": "0.11.2, 0.9.10",
+    },
+    {
+        "symbol": f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker.make_experience",
+        "use": "wrapped: after the original, attaches ids, gate, entropy, correct and info metrics",
+        "checked": "0.11.2, 0.9.10",
+    },
+    {
+        "symbol": f"{PPO_ACTOR_MODULE}.ActorPPOTrainer.__init__",
+        "use": "wrapped: when args.simko, adds the Experience fields in the worker and wraps this "
+        "trainer's actor.forward and actor_loss_fn.forward (instance attributes, not the classes)",
+        "checked": "0.11.2, 0.9.10",
+    },
+    {
+        "symbol": f"{PPO_ACTOR_MODULE}.ActorPPOTrainer.training_step",
+        "use": "wrapped: hands the batch's ids / gate / correct to the actor and loss wrappers",
+        "checked": "0.11.2, 0.9.10",
+    },
+    {
+        "symbol": f"{PPO_ACTOR_MODULE}.PolicyModelActor.forward (on __ray_metadata__.modified_class)",
+        "use": "wrapped: returns a dict with the top-K ids, entropies, top-1 probs next to the log-probs",
+        "checked": "0.11.2, 0.9.10 (ray 2.55 ActorClass layout)",
+    },
+    {
+        "symbol": "openrlhf.models.actor.Actor.forward",
+        "use": "wrapped per instance: relies on (action_log_probs, output) with return_output=True and "
+        "output['logits'] fp32 and already divided by the temperature",
+        "checked": "0.11.2, 0.9.10",
+    },
+    {
+        "symbol": "openrlhf.models.loss.PolicyLoss.forward",
+        "use": "wrapped per instance: its (log_probs, old_log_probs, advantages, action_mask, ...) inputs "
+        "are replaced by SimKO's; everything else passes through",
+        "checked": "0.11.2, 0.9.10",
+    },
+    {
+        "symbol": f"{RING_ATTN_MODULE}.unpad_and_slice_tensor, gather_and_pad_tensor",
+        "use": "called (not patched) to map packed-sample positions (--packing_samples) to padded ones",
+        "checked": "0.11.2, 0.9.10",
+    },
+]
+
+
+# ── CLI ──
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the SimKO flags (same flat spelling on OpenRLHF 0.9.x and 0.11.x)."""
+    group = parser.add_argument_group("SimKO (openrlhf-passk)")
+    group.add_argument("--simko", action="store_true", default=False, help="Enable SimKO (off by default)")
+    group.add_argument("--simko_top_k", type=int, default=3, help="SimKO: number of top-K candidates")
+    group.add_argument(
+        "--simko_tau",
+        type=float,
+        default=0.8,
+        help="SimKO: entropy quantile in [0, 1); tokens above it in their response are gated",
+    )
+    group.add_argument("--simko_alpha", type=float, default=0.01, help="SimKO: top-K mixing weight")
+    group.add_argument("--simko_lambda", type=float, default=1.1, help="SimKO: top-1 penalty factor")
+
+
+def _lookup(args: Any, *dests: str, default: Any = None) -> Any:
+    # Flat Namespace (dotted dests as single names), 0.11's hierarchized args, or 0.9's flat names.
+    for dest in dests:
+        if hasattr(args, dest):
+            return getattr(args, dest)
+        value = args
+        for part in dest.split("."):
+            value = getattr(value, part, None)
+            if value is None:
+                break
+        if value is not None:
+            return value
+    return default
+
+
+def validate(args: Any) -> None:
+    """Raise ValueError naming the flag and the fix when the SimKO settings cannot work."""
+    tau, k = args.simko_tau, args.simko_top_k
+    alpha, lam = args.simko_alpha, args.simko_lambda
+    if not 0.0 <= tau < 1.0:
+        raise ValueError(
+            f"--simko_tau must be in [0, 1), got {tau}: the gate keeps tokens whose entropy is above the "
+            "tau-quantile of their response, so tau = 1 gates no token and silently turns SimKO off "
+            "(use the default 0.8 = top 20% of tokens, or drop --simko)"
+        )
+    if k < 1:
+        raise ValueError(f"--simko_top_k must be >= 1, got {k}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--simko_alpha must be in [0, 1] (top-K mixing weight), got {alpha}")
+    if lam <= 0.0:
+        raise ValueError(f"--simko_lambda must be > 0 (1 = no top-1 penalty, default 1.1), got {lam}")
+    if args.simko:
+        loss_type = _lookup(args, "actor.policy_loss_type", "policy_loss_type", default="ppo")
+        if loss_type != "ppo":
+            raise ValueError(
+                f"--simko works on the token-level PPO loss; --policy_loss_type is {loss_type!r}: use ppo"
+            )
+
+
+def _config(args: Any) -> dict[str, float] | None:
+    if not getattr(args, "simko", False):
+        return None
+    return {
+        "k": int(args.simko_top_k),
+        "tau": float(args.simko_tau),
+        "alpha": float(args.simko_alpha),
+        "lam": float(args.simko_lambda),
+    }
+
+
+# ── Experience fields ──
+
+
+def ensure_experience_fields() -> None:
+    """Add EXPERIENCE_FIELDS to OpenRLHF's Experience dataclass, in place and once per process, so
+    every helper that walks `dataclasses.fields(Experience)` (split, batch, pad, trim, move, pin,
+    concat, balance) carries them. Defaults are None, which those helpers skip."""
+    import importlib
+
+    module = importlib.import_module(EXPERIENCE_MODULE)
+    cls = module.Experience
+    if all(name in cls.__dataclass_fields__ for name in EXPERIENCE_FIELDS):
+        return
+    # make_dataclass builds properly registered Field objects from OpenRLHF's own tensor_field.
+    template = dataclasses.make_dataclass(
+        "SimKOFields",
+        [(name, Any, module.tensor_field(role, default=None)) for name, role in EXPERIENCE_FIELDS.items()],
+    )
+    for f in dataclasses.fields(template):
+        cls.__dataclass_fields__[f.name] = f
+        setattr(cls, f.name, None)
+    original_init = cls.__init__
+
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        extra = {name: kwargs.pop(name, None) for name in EXPERIENCE_FIELDS}
+        original_init(self, *args, **kwargs)
+        for name, value in extra.items():
+            setattr(self, name, value)
+
+    cls.__init__ = __init__
+
+
+# ── Per-position tensors: model output layout -> action layout ──
+
+
+def _to_actions(actor, tensors, sequences, attention_mask, ring_attn_group, num_actions) -> list:
+    """Map per-position tensors of the model output ((B, S) padded, or (1, nnz) with packed samples)
+    to OpenRLHF's action layout (B, A), the way Actor.forward maps its log-probs."""
+    if getattr(actor, "packing_samples", False):
+        from openrlhf.models.ring_attn_utils import gather_and_pad_tensor, unpad_and_slice_tensor
+
+        batch, seqlen = sequences.shape
+        _, _, _, pad_len, indices = unpad_and_slice_tensor(sequences, attention_mask, ring_attn_group)
+        group = ring_attn_group
+        tensors = [gather_and_pad_tensor(t, group, pad_len, indices, batch, seqlen) for t in tensors]
+    return [t[:, :-1][:, -num_actions:] for t in tensors]
+
+
+def _candidate_inputs(actor, ids, sequences, attention_mask, ring_attn_group):
+    """Labels (next tokens) and candidate ids (..., K) in the model output layout."""
+    batch, seqlen = sequences.shape
+    num_actions, k = ids.shape[1], ids.shape[2]
+    # Action a is predicted at position seqlen - 1 - num_actions + a (Actor.forward's [:, :-1][:, -A:]).
+    full = torch.zeros(batch, seqlen, k, dtype=torch.long, device=sequences.device)
+    full[:, seqlen - 1 - num_actions : seqlen - 1] = ids
+    if not getattr(actor, "packing_samples", False):
+        return torch.roll(sequences, shifts=-1, dims=1), full
+    from openrlhf.models.ring_attn_utils import unpad_and_slice_tensor
+
+    _, _, labels, _, _ = unpad_and_slice_tensor(sequences, attention_mask, ring_attn_group)
+    packed = [unpad_and_slice_tensor(full[..., i], attention_mask, ring_attn_group)[0] for i in range(k)]
+    return labels, torch.stack(packed, dim=-1)
+
+
+def _actor_forward(trainer, original, sequences, action_mask=None, attention_mask=None, **kwargs):
+    """Actor.forward for the trainer's policy: the original, plus SimKO's per-token side outputs."""
+    state = trainer._simko_state
+    if state is None or action_mask is None:
+        return original(sequences, action_mask, attention_mask, **kwargs)
+    return_output = kwargs.pop("return_output", False)
+    log_probs, output = original(sequences, action_mask, attention_mask, return_output=True, **kwargs)
+    logits = output["logits"]  # fp32, divided by the temperature, packed when packing_samples
+    ring = kwargs.get("ring_attn_group")
+    num_actions = action_mask.shape[1]
+    if state["mode"] == "rollout":
+        k = trainer._simko["k"]
+        if k > logits.shape[-1]:
+            raise ValueError(f"--simko_top_k ({k}) exceeds the vocabulary size ({logits.shape[-1]})")
+        ids, entropy, top1 = topk_and_entropy(logits, k)
+        channels = _to_actions(
+            trainer.actor, [*ids.unbind(-1), entropy, top1], sequences, attention_mask, ring, num_actions
+        )
+        state["topk_ids"] = torch.stack(channels[:k], dim=-1)
+        state["entropy"], state["top1_prob"] = channels[k], channels[k + 1]
+    else:
+        labels, ids = _candidate_inputs(trainer.actor, state["ids"], sequences, attention_mask, ring)
+        # K + 1 gathers from the logits in memory: the sampled token's logit (for the logsumexp) and K.
+        gathered = logits.gather(-1, torch.cat([labels.unsqueeze(-1), ids], dim=-1))
+        label_logits, *cand_logits = _to_actions(
+            trainer.actor, gathered.unbind(-1), sequences, attention_mask, ring, num_actions
+        )
+        cand_logits = torch.stack(cand_logits, dim=-1)
+        state["cand_log_probs"] = candidate_log_probs(cand_logits, label_logits, log_probs)
+    return (log_probs, output) if return_output else log_probs
+
+
+def _loss_forward(trainer, original, log_probs, old_log_probs, advantages, *args, **kwargs):
+    """PolicyLoss.forward with SimKO's log-probs and advantages during a SimKO training step."""
+    state = trainer._simko_state
+    if state is None or state.get("cand_log_probs") is None:
+        return original(log_probs, old_log_probs, advantages, *args, **kwargs)
+    cfg = trainer._simko
+    log_probs, advantages = apply_simko(
+        log_probs,
+        advantages,
+        state["cand_log_probs"],
+        state["gate"],
+        state["sampled_is_top1"],
+        state["correct"],
+        alpha=cfg["alpha"],
+        lam=cfg["lam"],
+    )
+    return original(log_probs, old_log_probs, advantages, *args, **kwargs)
+
+
+# ── Wrappers of upstream methods (each calls the original unchanged unless SimKO is on) ──
+
+
+def _trainer_init(original, self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    self._simko = _config(self.args)
+    self._simko_state = None
+    if self._simko is None:
+        return
+    ensure_experience_fields()
+    # Instance attributes: only this trainer's policy and loss change, not the reference model.
+    self.actor.forward = functools.partial(_actor_forward, self, self.actor.forward)
+    self.actor_loss_fn.forward = functools.partial(_loss_forward, self, self.actor_loss_fn.forward)
+
+
+def _training_step(original, self, experience, *args, **kwargs):
+    if getattr(self, "_simko", None) is None:
+        return original(self, experience, *args, **kwargs)
+    flat_ids = getattr(experience, "simko_topk_ids", None)
+    if flat_ids is None:
+        raise RuntimeError(
+            "--simko is on but this batch has no SimKO top-K ids: the experience maker (driver) ran "
+            "without the openrlhf-passk patches. Install openrlhf-passk in the driver's environment too."
+        )
+    k = self._simko["k"]
+    batch, num_actions = experience.action_mask.shape
+    if flat_ids.shape[1] < num_actions * k:
+        raise RuntimeError(
+            f"SimKO ids have {flat_ids.shape[1]} entries per response, need {num_actions} x {k}: were they "
+            f"made with another --simko_top_k?"
+        )
+    ids = flat_ids[:, : num_actions * k].long().view(batch, num_actions, k)
+    self._simko_state = {
+        "mode": "train",
+        "ids": ids,
+        "gate": experience.simko_gate,
+        "sampled_is_top1": experience.sequences[:, -num_actions:] == ids[..., 0],
+        "correct": experience.simko_correct,
+    }
+    try:
+        return original(self, experience, *args, **kwargs)
+    finally:
+        self._simko_state = None
+
+
+def _policy_actor_forward(original, self, *args, **kwargs):
+    trainer = getattr(self, "trainer", None)
+    if getattr(trainer, "_simko", None) is None:
+        return original(self, *args, **kwargs)
+    trainer._simko_state = {"mode": "rollout"}
+    try:
+        action_log_probs = original(self, *args, **kwargs)
+        state = trainer._simko_state
+    finally:
+        trainer._simko_state = None
+    return {
+        "action_log_probs": action_log_probs,
+        "simko_topk_ids": state["topk_ids"].to("cpu", torch.int32),
+        "simko_entropy": state["entropy"].to("cpu"),
+        "simko_top1_prob": state["top1_prob"].to("cpu"),
+    }
+
+
+def _maker_init(original, self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    self._simko = _config(self.strategy.args)
+    self._simko_rollout = None
+    if self._simko is not None:
+        ensure_experience_fields()
+
+
+def _flatten_results(original, self, refs, duplicate_factor):
+    results = original(self, refs, duplicate_factor)
+    if results and isinstance(results[0], dict) and "simko_topk_ids" in results[0]:
+        self._simko_rollout = results
+        return [r["action_log_probs"] for r in results]
+    return results
+
+
+def _make_experience(original, self, samples_list):
+    if getattr(self, "_simko", None) is None:
+        return original(self, samples_list)
+    self._simko_rollout = None
+    experiences = original(self, samples_list)
+    rollout, self._simko_rollout = self._simko_rollout, None
+    if rollout is None or len(rollout) != len(experiences):
+        raise RuntimeError(
+            "--simko is on but the policy actors returned no SimKO top-K ids: the openrlhf-passk patches "
+            "are not active in the Ray workers (is openrlhf-passk installed in the workers' environment, "
+            "and OPENRLHF_PASSK_DISABLE unset there?)"
+        )
+    cfg = self._simko
+    for experience, out in zip(experiences, rollout, strict=True):
+        mask = experience.action_mask.bool()
+        ids, entropy = out["simko_topk_ids"], out["simko_entropy"].float()
+        gate = entropy_gate(entropy, mask, cfg["tau"])
+        correct = (experience.rewards.float() > CORRECT_THRESHOLD).float()
+        experience.simko_topk_ids = ids.reshape(ids.shape[0], -1)
+        experience.simko_gate = gate
+        experience.simko_entropy = entropy
+        experience.simko_correct = correct
+        # Over-concentration signals (SimKO paper): one value per response, logged by the trainer.
+        tokens = mask.sum(dim=-1).clamp(min=1)
+        top1_hit = experience.sequences[:, -mask.shape[1] :] == ids[..., 0].long()
+        penalized = gate.bool() & top1_hit & (correct == 0).unsqueeze(-1)
+        experience.info["simko_gated_frac"] = gate.sum(dim=-1) / tokens
+        experience.info["simko_top1_prob"] = (out["simko_top1_prob"] * mask).sum(dim=-1) / tokens
+        experience.info["simko_entropy"] = (entropy * mask).sum(dim=-1) / tokens
+        experience.info["simko_penalized_frac"] = (penalized & mask).sum(dim=-1) / tokens
+    return experiences
+
+
+# ── Patches (upstream module name -> function run once the module is imported) ──
+
+
+def _wrap(cls: type, name: str, wrapper: Callable) -> None:
+    """cls.name = wrapper(original, self, ...); idempotent."""
+    original = cls.__dict__.get(name, getattr(cls, name))
+    if getattr(original, "__openrlhf_passk_simko__", False):
+        return
+
+    @functools.wraps(original)
+    def patched(self, *args, **kwargs):
+        return wrapper(original, self, *args, **kwargs)
+
+    patched.__openrlhf_passk_simko__ = True
+    setattr(cls, name, patched)
+
+
+def patch_experience_maker(module: ModuleType) -> None:
+    cls = module.RemoteExperienceMaker
+    _wrap(cls, "__init__", _maker_init)
+    _wrap(cls, "_flatten_results", _flatten_results)
+    _wrap(cls, "make_experience", _make_experience)
+
+
+def patch_ppo_actor(module: ModuleType) -> None:
+    _wrap(module.ActorPPOTrainer, "__init__", _trainer_init)
+    _wrap(module.ActorPPOTrainer, "training_step", _training_step)
+    # PolicyModelActor is a Ray ActorClass; Ray ships the class it wraps (modified_class) to the
+    # worker by value, so the wrapped method travels with it.
+    _wrap(module.PolicyModelActor.__ray_metadata__.modified_class, "forward", _policy_actor_forward)
+
+
+PATCHES: dict[str, Callable[[ModuleType], None]] = {
+    EXPERIENCE_MAKER_MODULE: patch_experience_maker,
+    PPO_ACTOR_MODULE: patch_ppo_actor,
+}

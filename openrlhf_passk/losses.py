@@ -1,0 +1,188 @@
+"""Policy losses over plain tensors: OpenRLHF's PPO clipped loss and SimKO (Peng et al. 2025).
+
+Pure torch (no OpenRLHF, no Ray): the CPU sandbox calls `policy_loss` for plain PPO and the OpenRLHF
+integration (`openrlhf_passk.integration.simko`) calls the SimKO helpers below from its patches.
+
+SimKO in one line: the loss value is PPO's, but at high-entropy tokens of correct responses the
+gradient also pushes up the old policy's top-K candidates, and at high-entropy tokens of wrong
+responses where the sampled token was the old top-1 the (negative) advantage is scaled by lambda.
+
+Shapes: B responses, T action positions (OpenRLHF's action_mask width), V vocabulary, K candidates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "apply_simko",
+    "candidate_log_probs",
+    "entropy_gate",
+    "policy_loss",
+    "simko_advantages",
+    "simko_log_probs",
+    "topk_and_entropy",
+]
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim: int | None = None) -> torch.Tensor:
+    # Same arithmetic as openrlhf.models.utils.masked_mean (0/0 stays NaN there too).
+    if mask is None:
+        return x.mean(dim=dim)
+    return (x * mask).sum(dim=dim) / mask.sum(dim=dim)
+
+
+def simko_log_probs(
+    log_probs: torch.Tensor, cand_log_probs: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """Surrogate log-probs for SimKO's top-K ratio mixing.
+
+        lp'_t = (1 - w_t) * lp_t + w_t * sg(lp_t) + (w_t / K) * sum_i (c_ti - sg(c_ti))
+
+    with lp the current log-prob of the sampled token, c_ti the current log-prob of the old top-K
+    candidate i, w_t = alpha * gate_t * correct (0 elsewhere) and sg = stop-gradient. lp' has the value
+    of lp, so exp(lp' - old) has the value of the PPO ratio r_t, and its gradient is
+    r_t * ((1 - w_t) grad lp_t + (w_t / K) sum_i grad c_ti): exactly SimKO's mixed ratio
+    (1 - w) r + (w / K) sum_i sg(r / r_i) r_i, whose old top-K log-probs cancel. Feeding lp' to an
+    unchanged PPO loss therefore gives SimKO with PPO's clipping, dual clip and IS corrections intact.
+    """
+    k = cand_log_probs.shape[-1]
+    cand_delta = (cand_log_probs - cand_log_probs.detach()).sum(dim=-1) / k
+    return (1 - weight) * log_probs + weight * log_probs.detach() + weight * cand_delta
+
+
+def simko_advantages(advantages: torch.Tensor, penalty_mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """A'_t = lam * A_t where penalty_mask_t (wrong response, gated token, sampled == old top-1), else A_t."""
+    return torch.where(penalty_mask.bool(), advantages * lam, advantages)
+
+
+def apply_simko(
+    log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    cand_log_probs: torch.Tensor,
+    gate: torch.Tensor,
+    sampled_is_top1: torch.Tensor,
+    correct: torch.Tensor,
+    *,
+    alpha: float = 0.01,
+    lam: float = 1.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimKO's change to the PPO inputs: (lp', A') = (`simko_log_probs` with w_t = alpha * gate_t on
+    correct responses, `simko_advantages` where gate_t and sampled_is_top1_t on wrong responses).
+
+    cand_log_probs (B, T, K): current log-probs at the old top-K ids; gate (B, T): entropy gate in
+    {0, 1}; sampled_is_top1 (B, T): the sampled token is the old top-1; correct (B,): per response."""
+    shape = tuple(log_probs.shape)
+    if tuple(cand_log_probs.shape[:-1]) != shape:
+        got = tuple(cand_log_probs.shape)
+        raise ValueError(f"cand_log_probs must have shape {shape} + (K,), got {got}")
+    for name, value in (("gate", gate), ("sampled_is_top1", sampled_is_top1)):
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    if tuple(correct.shape) != shape[:1]:
+        raise ValueError(f"correct must have shape ({shape[0]},), got {tuple(correct.shape)}")
+    correct = correct.bool().unsqueeze(-1)
+    weight = alpha * gate.to(log_probs.dtype) * correct
+    penalty = gate.bool() & sampled_is_top1.bool() & ~correct
+    return simko_log_probs(log_probs, cand_log_probs, weight), simko_advantages(advantages, penalty, lam)
+
+
+def policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    action_mask: torch.Tensor | None = None,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    token_level_loss: bool = True,
+    cand_log_probs: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    sampled_is_top1: torch.Tensor | None = None,
+    correct: torch.Tensor | None = None,
+    alpha: float = 0.01,
+    lam: float = 1.1,
+) -> torch.Tensor:
+    """PPO clipped policy loss (OpenRLHF's `PolicyLoss`, policy_loss_type="ppo"), optionally SimKO.
+
+        r_t = exp(clamp(lp_t - old_t, -20, 20)),
+        loss_t = -min(r_t A_t, clamp(r_t, 1 - clip_low, 1 + clip_high) A_t)
+
+    aggregated as OpenRLHF does by default: token mean over all unmasked tokens of the batch
+    (token_level_loss=True), or the mean over responses of each response's token mean.
+
+    SimKO inputs, all four or none (see `apply_simko`): cand_log_probs (B, T, K), gate (B, T),
+    sampled_is_top1 (B, T), correct (B,); alpha = top-K mixing weight, lam = top-1 penalty factor.
+    """
+    simko = {
+        "cand_log_probs": cand_log_probs,
+        "gate": gate,
+        "sampled_is_top1": sampled_is_top1,
+        "correct": correct,
+    }
+    if any(value is not None for value in simko.values()):
+        missing = [name for name, value in simko.items() if value is None]
+        if missing:
+            raise ValueError(f"SimKO needs all of {list(simko)}; missing {missing} (pass all four or none)")
+        log_probs, advantages = apply_simko(log_probs, advantages, **simko, alpha=alpha, lam=lam)
+
+    ratio = (log_probs - old_log_probs).clamp(min=-20.0, max=20.0).exp()
+    surr1 = ratio * advantages
+    surr2 = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    loss = -torch.min(surr1, surr2)
+    if token_level_loss:
+        return _masked_mean(loss, action_mask, dim=None)
+    if action_mask is None:
+        return loss.mean(dim=-1).mean()
+    counts = action_mask.sum(dim=-1)
+    seq_loss = (loss * action_mask).sum(dim=-1) / (counts + 1e-8)
+    return _masked_mean(seq_loss, (counts > 0).to(seq_loss.dtype), dim=None)
+
+
+@torch.no_grad()
+def topk_and_entropy(
+    logits: torch.Tensor, k: int, chunk_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per position of logits (..., V): the top-k token ids (..., k), the entropy H = lse - sum p * x
+    (...), and the top-1 probability (...). Chunks of `chunk_size` positions keep the extra memory at
+    O(chunk_size * V) instead of O(T * V) for the softmax."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    ids = torch.empty(flat.shape[0], k, dtype=torch.long, device=flat.device)
+    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    top1 = torch.empty_like(entropy)
+    for start in range(0, flat.shape[0], chunk_size):
+        chunk = flat[start : start + chunk_size].float()
+        lse = torch.logsumexp(chunk, dim=-1)
+        entropy[start : start + chunk_size] = lse - (torch.softmax(chunk, dim=-1) * chunk).sum(dim=-1)
+        values, ids[start : start + chunk_size] = chunk.topk(k, dim=-1)
+        top1[start : start + chunk_size] = (values[:, 0] - lse).exp()
+    shape = logits.shape[:-1]
+    return ids.view(*shape, k), entropy.view(shape), top1.view(shape)
+
+
+@torch.no_grad()
+def entropy_gate(entropy: torch.Tensor, action_mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """w_t = 1 where entropy_t > the tau-quantile (linear interpolation) of the same response's
+    action-token entropies, else 0; (B, T) float. A response without action tokens gates nothing."""
+    gate = torch.zeros_like(entropy, dtype=torch.float32)
+    mask = action_mask.bool()
+    for row in range(entropy.shape[0]):
+        values = entropy[row][mask[row]].float()
+        if values.numel() == 0:
+            continue
+        threshold = torch.quantile(values, tau)
+        gate[row] = ((entropy[row].float() > threshold) & mask[row]).float()
+    return gate
+
+
+def candidate_log_probs(
+    cand_logits: torch.Tensor, label_logits: torch.Tensor, label_log_probs: torch.Tensor
+) -> torch.Tensor:
+    """Current log-probs (..., K) of the candidates from their gathered logits (..., K).
+
+    OpenRLHF computes the sampled token's log-prob as logit - logsumexp without keeping a
+    log_softmax (or through flash-attn's fused cross-entropy), so the logsumexp is recovered from that
+    result: lse = label_logit - label_log_prob. The caller gathers K + 1 logits per position from the
+    logits already in memory: O(T * K) extra memory, no second pass over the vocabulary. Gradients flow
+    into both gathers and into label_log_probs' graph, which together give d lse = softmax."""
+    return cand_logits - (label_logits - label_log_probs).unsqueeze(-1)

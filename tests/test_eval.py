@@ -1,0 +1,190 @@
+"""`openrlhf-passk eval`: pass@k on fixed sample files against brute-force enumeration, errors, the model path."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from openrlhf_passk.cli import main
+from openrlhf_passk.tasks import maze
+
+
+def brute_force_pass_at_k(correct: list[bool], k: int) -> float:
+    """Fraction of all k-subsets of the responses that contain at least one correct response."""
+    subsets = list(itertools.combinations(correct, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+# Correct, wrong, and a "reward hack" that only the public verifier's reference mode accepts: no <answer>
+# tag, and the moves appear in the free text ("GO" has no L/R/U/D letters of its own).
+def right(m) -> str:
+    return f"Let me think. <answer> {m.solution} </answer>"
+
+
+def wrong(m) -> str:
+    return "<answer> </answer>"  # an empty path never reaches E
+
+
+def hack(m) -> str:
+    return f"go {m.solution.lower()}"
+
+
+# (size, maze seed, pattern of responses): counts differ per maze so averages are not all equal.
+PATTERNS = [
+    (7, 1, "RWWWWW"),
+    (7, 2, "RRWWWH"),
+    (9, 3, "WWWWWW"),
+    (9, 4, "RRRRRR"),
+    (9, 5, "WHWRWW"),
+]
+
+
+@pytest.fixture
+def sample_rows():
+    rows = []
+    for size, seed, pattern in PATTERNS:
+        m = maze.generate(size, seed, loops=0.2)
+        make = {"R": right, "W": wrong, "H": hack}
+        rows.append((m, pattern, [make[p](m) for p in pattern]))
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def expected(rows, mode: str, ks: list[int]) -> tuple[dict, dict]:
+    ok = {"strict": "R", "reference": "RH"}[mode]
+    overall = {k: sum(brute_force_pass_at_k([p in ok for p in pat], k) for _, pat, _ in rows) / len(rows) for k in ks}
+    by_size = {}
+    for size in sorted({m.size for m, _, _ in rows}):
+        sub = [(m, pat) for m, pat, _ in rows if m.size == size]
+        by_size[str(size)] = {k: sum(brute_force_pass_at_k([p in ok for p in pat], k) for _, pat in sub) / len(sub)
+                              for k in ks}
+    return overall, by_size
+
+
+@pytest.mark.parametrize("mode", ["strict", "reference"])
+def test_grouped_samples_match_brute_force(tmp_path, sample_rows, mode):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"label": m.grid, "size": m.size, "responses": resp}
+                                              for m, _, resp in sample_rows])
+    assert main(["eval", "--samples", str(path), "--mode", mode, "--out", str(tmp_path / "o")]) == 0
+    result = json.loads((tmp_path / "o" / "passk.json").read_text())
+    assert result["ks"] == [1, 2, 4, 6]  # powers of two up to n = 6, then n itself
+    overall, by_size = expected(sample_rows, mode, [1, 2, 4, 6])
+    assert {int(k): v for k, v in result["overall"].items()} == pytest.approx(overall, abs=1e-9)
+    assert set(result["by_size"]) == {"7", "9"}
+    for size, curve in by_size.items():
+        assert {int(k): v for k, v in result["by_size"][size].items()} == pytest.approx(curve, abs=1e-9)
+    csv = (tmp_path / "o" / "passk.csv").read_text().splitlines()
+    assert csv[0] == "scope,k,pass_at_k,num_mazes"
+    assert f"overall,6,{overall[6]:.6f},5" in csv and f"size=7,1,{by_size['7'][1]:.6f},2" in csv
+    assert (tmp_path / "o" / "passk.png").stat().st_size > 1000
+
+
+def test_one_row_per_response_and_custom_k(tmp_path, sample_rows):
+    # Interleave rows of different mazes: grouping must go by id, not by position in the file.
+    rows = [{"id": f"maze{i}", "label": m.grid, "response": r}
+            for j in range(6) for i, (m, _, resp) in enumerate(sample_rows) for r in [resp[j]]]
+    path = write_jsonl(tmp_path / "flat.jsonl", rows)
+    assert main(["eval", "--samples", str(path), "--k", "3", "5", "--out", str(tmp_path / "o")]) == 0
+    result = json.loads((tmp_path / "o" / "passk.json").read_text())
+    overall, _ = expected(sample_rows, "strict", [3, 5])
+    assert result["ks"] == [3, 5]
+    assert {int(k): v for k, v in result["overall"].items()} == pytest.approx(overall, abs=1e-9)
+    assert [m["c"] for m in result["per_maze"]] == [pat.count("R") for _, pat, _ in sample_rows]
+
+
+def test_compare_overlays_runs(tmp_path, sample_rows):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"label": m.grid, "responses": r} for m, _, r in sample_rows])
+    for mode in ("strict", "reference"):
+        assert main(["eval", "--samples", str(path), "--mode", mode, "--name", mode, "--out", str(tmp_path / mode)]) == 0
+    files = [str(tmp_path / m / "passk.json") for m in ("strict", "reference")]
+    assert main(["eval", "--compare", *files, "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    assert main(["eval", "--compare", *files, "--labels", "only-one", "--out", str(tmp_path / "cmp")]) == 2
+
+
+def _err(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_inputs_name_the_problem(tmp_path, capsys, sample_rows):
+    m = sample_rows[0][0]
+    out = ["--out", str(tmp_path / "o")]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert "empty file" in _err(capsys, ["eval", "--samples", str(empty), *out])
+    assert "no such file" in _err(capsys, ["eval", "--samples", str(tmp_path / "missing.jsonl"), *out])
+
+    path = write_jsonl(tmp_path / "a.jsonl", [{"label": m.grid, "responses": ["x"]}, {"responses": ["x"]}])
+    err = _err(capsys, ["eval", "--samples", str(path), *out])
+    assert "a.jsonl:2" in err and "'label'" in err
+
+    path = write_jsonl(tmp_path / "b.jsonl", [{"label": m.grid.replace("S", "."), "responses": ["x"]}])
+    err = _err(capsys, ["eval", "--samples", str(path), *out])
+    assert "b.jsonl:1" in err and "not a valid maze grid" in err
+
+    path = write_jsonl(tmp_path / "c.jsonl", [{"label": m.grid}])
+    assert "neither 'responses'" in _err(capsys, ["eval", "--samples", str(path), *out])
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"label": m.grid, "responses": "RRDD"}])
+    assert "'responses' must be a list" in _err(capsys, ["eval", "--samples", str(path), *out])
+
+    (tmp_path / "e.jsonl").write_text('{"label": 1\n')
+    assert "e.jsonl:1: not valid JSON" in _err(capsys, ["eval", "--samples", str(tmp_path / "e.jsonl"), *out])
+
+    path = write_jsonl(tmp_path / "f.jsonl", [{"label": m.grid, "responses": ["a", "b", "c"]}])
+    err = _err(capsys, ["eval", "--samples", str(path), "--k", "4", *out])
+    assert "k=4 is larger than n=3" in err
+
+    assert "needs --data" in _err(capsys, ["eval", "--model", str(tmp_path), *out])
+    assert not (tmp_path / "o").exists()  # nothing half-written on bad input
+
+
+def build_tiny_model(path: Path) -> None:
+    """A tiny random Llama and a character-level tokenizer, saved like any HF checkpoint (no download)."""
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "</s>", "<unk>", "<answer>", "</answer>", *"\n.*SELRUD "])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("</?answer>|."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_model_path_generates_with_hf_and_scores(tmp_path):
+    build_tiny_model(tmp_path / "model")
+    mazes = [maze.generate(7, s) for s in range(3)] + [maze.generate(9, 10)]
+    data = write_jsonl(tmp_path / "test.jsonl", [{"prompt": m.grid + "\n", "label": m.grid, "size": m.size}
+                                                 for m in mazes])
+    out = tmp_path / "o"
+    argv = ["eval", "--model", str(tmp_path / "model"), "--data", str(data), "--backend", "hf", "--n", "4",
+            "--max-new-tokens", "12", "--batch-size", "5", "--seed", "1", "--out", str(out)]
+    assert main(argv) == 0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["label"] for s in samples] == [m.grid for m in mazes]
+    assert all(len(s["responses"]) == 4 for s in samples)
+    result = json.loads((out / "passk.json").read_text())
+    assert result["ks"] == [1, 2, 4] and result["model"] == str(tmp_path / "model")
+    # Recount with the verifier and brute force over the saved responses.
+    correct = [[maze.score(r, s["label"]) >= 1.0 for r in s["responses"]] for s in samples]
+    for k in (1, 2, 4):
+        want = sum(brute_force_pass_at_k(c, k) for c in correct) / len(correct)
+        assert result["overall"][str(k)] == pytest.approx(want, abs=1e-9)
+    # Same seed, same samples: generation is reproducible.
+    assert main([*argv[:-1], str(tmp_path / "o2")]) == 0
+    assert (tmp_path / "o2" / "samples.jsonl").read_text() == (out / "samples.jsonl").read_text()
