@@ -4,7 +4,7 @@ implementation that expands the logits K times (the public SimKO code), over pla
 Each variant runs one loss forward + backward on a (T, V) fp32 logits tensor, the way OpenRLHF's actor
 holds it (log-probs as gathered logit - chunked logsumexp, then the PPO loss):
 - baseline: PPO only;
-- gather:   + SimKO with K + 1 gathered logits per token (openrlhf_passk.losses);
+- gather:   + SimKO with K + 1 gathered logits per token, sparse gradient (openrlhf_passk.losses);
 - expanded: + SimKO with log_softmax over logits expanded to (T, K, V), then gathered.
 Extra memory = peak(variant) - peak(baseline), measured in the same run.
 
@@ -14,6 +14,7 @@ reset between variants, in one process.
 
     python benchmarks/simko_memory.py                          # CPU, V = 150k, T = 256, 512, 1024
     python benchmarks/simko_memory.py --device cuda --tokens 4096
+    python benchmarks/simko_memory.py --tokens 2048 --variants gather   # skip the 12 GiB expanded run
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from openrlhf_passk.losses import apply_simko, candidate_log_probs, policy_loss
+from openrlhf_passk.losses import SparseGradGather, apply_simko, candidate_log_probs, policy_loss
 
 VARIANTS = ("baseline", "gather", "expanded")
 
@@ -59,10 +60,9 @@ def run_variant(variant: str, tokens: int, vocab: int, k: int, device: str) -> f
     if variant == "baseline":
         loss = policy_loss(log_probs, old, adv, mask)
     else:
-        if variant == "gather":
-            cand = candidate_log_probs(
-                logits.gather(-1, ids), logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1), log_probs
-            )
+        if variant == "gather":  # as openrlhf_passk.integration.simko: one gather of K + 1 logits
+            gathered = SparseGradGather.apply(logits, torch.cat([labels.unsqueeze(-1), ids], dim=-1))
+            cand = candidate_log_probs(gathered[..., 1:], gathered[..., 0], log_probs)
         else:  # the public code's way: K copies of the logits through log_softmax
             expanded = logits.unsqueeze(2).expand(-1, -1, k, -1)
             cand = torch.log_softmax(expanded, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS[1:], default=list(VARIANTS[1:]), help="(baseline always runs)"
+    )
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -98,7 +101,7 @@ def main() -> None:
     print(f"{'T':>6} {'variant':>9} {'peak MiB':>10} {'extra MiB':>10} {'T*K*V*4 MiB':>12} {'step s':>8}")
     for tokens in args.tokens:
         results = {}
-        for variant in VARIANTS:
+        for variant in ["baseline", *args.variants]:
             if args.device == "cuda":
                 seconds = run_variant(variant, tokens, args.vocab, args.k, "cuda")
                 results[variant] = (torch.cuda.max_memory_allocated(), seconds)

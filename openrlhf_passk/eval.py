@@ -255,6 +255,8 @@ def generate(args: argparse.Namespace, prompts: list[str | list[dict]]) -> list[
         if isinstance(p, list):
             p = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
         texts.append(p)
+    # A chat template already holds the special tokens (BOS etc.); plain prompts get the tokenizer's own.
+    templated = args.apply_chat_template or any(isinstance(p, list) for p in prompts)
 
     backend = args.backend
     if backend == "auto":
@@ -281,7 +283,7 @@ def generate(args: argparse.Namespace, prompts: list[str | list[dict]]) -> list[
     decoded: list[str] = []
     for i in tqdm(range(0, len(flat), args.batch_size), desc="generate (HF)", unit="batch"):
         batch = tokenizer(flat[i : i + args.batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
+                          add_special_tokens=not templated).to(device)
         with torch.no_grad():
             out = model.generate(**batch, do_sample=args.temperature > 0, temperature=args.temperature or None,
                                  top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -294,7 +296,7 @@ def generate(args: argparse.Namespace, prompts: list[str | list[dict]]) -> list[
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: transformers cannot find or read the --model path
         print(f"openrlhf-passk eval: error: {e}", file=sys.stderr)
         return 2
 

@@ -32,24 +32,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the same run, faster)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     g = parser.add_argument_group("data")
-    g.add_argument("--sizes", type=int, nargs="+", default=[7, 9], help="maze sizes (grid side, odd)")
+    g.add_argument("--sizes", type=int, nargs="+", default=[7],
+                   help="maze sizes (grid side, odd; 5x5 has only ~40 distinct mazes)")
     g.add_argument("--loops", type=float, default=0.3, help="maze generator loop ('braiding') fraction")
-    g.add_argument("--train-mazes", type=int, default=1000, help="training mazes per size")
+    g.add_argument("--train-mazes", type=int, default=1500, help="training mazes per size")
     g.add_argument("--test-mazes", type=int, default=100, help="held-out mazes per size")
     g = parser.add_argument_group("model")
     g.add_argument("--dim", type=int, default=64)
     g.add_argument("--layers", type=int, default=2)
     g.add_argument("--heads", type=int, default=4)
     g = parser.add_argument_group("SFT")
-    g.add_argument("--sft-steps", type=int, default=300)
+    g.add_argument("--sft-steps", type=int, default=200)
     g.add_argument("--sft-batch", type=int, default=64)
     g.add_argument("--sft-lr", type=float, default=2e-3)
     g = parser.add_argument_group("RL")
-    g.add_argument("--rl-steps", type=int, default=60)
+    g.add_argument("--rl-steps", type=int, default=40)
     g.add_argument("--prompts-per-step", type=int, default=16)
     g.add_argument("--n-samples", type=int, default=8, help="responses per prompt (N)")
     g.add_argument("--k", type=int, default=4, help="k of Pass@k training (the passk run)")
-    g.add_argument("--rl-lr", type=float, default=3e-4)
+    g.add_argument("--rl-lr", type=float, default=5e-4)
     g.add_argument("--mini-batches", type=int, default=2,
                    help="policy updates per RL step: the later ones are off-policy, so the clip matters")
     g.add_argument("--clip-low", type=float, default=0.2)
@@ -115,6 +116,11 @@ def _main(args: argparse.Namespace) -> None:
                     found += 1
                     if found == count:
                         break
+            if found < count:
+                print(f"note: only {found} distinct {size}x{size} mazes found (asked for {count})", file=sys.stderr)
+        if sum(m.size == size for m in train) < args.prompts_per_step:
+            sys.exit(f"openrlhf-passk sandbox: error: fewer {size}x{size} training mazes than "
+                     f"--prompts-per-step {args.prompts_per_step}; raise --train-mazes or lower --prompts-per-step")
     with (args.out / "test.jsonl").open("w") as f:
         for m in test:
             f.write(json.dumps({"prompt": m.grid + "\n", "label": m.grid, "solution": m.solution,
@@ -271,9 +277,8 @@ def _main(args: argparse.Namespace) -> None:
         timings[f"eval_{name}_s"] = time.time() - t0
 
     # ---- summary: curves, plot, JSON -------------------------------------------------------------------
-    ks = None  # eval.summarize's default: 1, 2, 4, ... up to eval_n, and eval_n
     for r in runs.values():
-        r.update(summarize(r["counts"], ks))
+        r.update(summarize(r["counts"]))  # k = 1, 2, 4, ... up to eval_n, and eval_n
     labels = {"sft": "SFT start", "grpo": "Pass@1 training (GRPO)", "passk": f"Pass@k training (k={args.k})"}
     plot_curves({labels[n]: r["overall"] for n, r in runs.items()}, args.out / "sandbox.png",
                 f"held-out mazes {'/'.join(f'{s}x{s}' for s in args.sizes)}, n={args.eval_n}")

@@ -20,7 +20,9 @@ if str(STUBS) not in sys.path:
 def subprocess_env() -> dict[str, str]:
     """Environment for child processes (CLIs, servers, Ray workers) that need the stand-ins too."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(STUBS), *filter(None, [env.get("PYTHONPATH")])])
+    # Absolute entries: children may run in another working directory (temp dirs, Ray workers).
+    inherited = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(STUBS), *inherited])
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,30 @@ def _flags(**kw) -> list[str]:
     return out + colocate + ["--apply_chat_template" if not V011 else "--data.apply_chat_template"]
 
 
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# A reward URL where nothing listens (the token must not show up in our messages).
+DOWN_URL = f"http://127.0.0.1:{_closed_port()}/reward?token=tok-123"
+
+
+def _mission_flags(url: str) -> list[str]:
+    """The mission's command, 0.9 spellings verbatim (aliases on 0.11), plus the run's other flags."""
+    flags = _flags()
+    for flag in (
+        ("--rollout.n_samples_per_prompt", "--reward.remote_url")
+        if V011
+        else ("--n_samples_per_prompt", "--remote_rm_url")
+    ):
+        i = flags.index(flag)
+        del flags[i : i + 2]
+    mission = ["--advantage_estimator", "passk", "--passk_k", "8", "--n_samples_per_prompt", "32"]
+    return [*mission, "--remote_rm_url", url, *flags]
+
+
 CLI = [sys.executable, "-m", upstream.CLI_MODULE]
 RUNS = {
     "help": (CLI + ["--help"], {}),
@@ -147,6 +172,10 @@ RUNS = {
         ],
         {"OPENRLHF_PASSK_DRY_RUN": "1", "OPENRLHF_PASSK_DISABLE": "1"},
     ),
+    # The mission's example command, with a reward server that is down: a dry run only notes it.
+    "mission_dry_run": (CLI + _mission_flags(DOWN_URL), {"OPENRLHF_PASSK_DRY_RUN": "1"}),
+    # A real run stops before Ray when the reward server never answers /health.
+    "reward_down": (CLI + _mission_flags(DOWN_URL) + ["--passk_reward_wait", "1"], {}),
 }
 
 
@@ -154,7 +183,9 @@ RUNS = {
 def cli_runs(tmp_path_factory):
     env = dict(os.environ)
     stubs = str(REPO / "tests" / "stubs")
-    env["PYTHONPATH"] = os.pathsep.join([*filter(None, [env.get("PYTHONPATH")]), stubs])
+    # Absolute paths: the children run in a temporary directory (and `make` passes the 0.9.10 copy relative).
+    paths = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, stubs])
     for key in ("OPENRLHF_PASSK_DRY_RUN", "OPENRLHF_PASSK_DISABLE"):
         env.pop(key, None)
     cwd = tmp_path_factory.mktemp("cli")
@@ -204,6 +235,37 @@ def test_realistic_multinode_dry_run_exits_0(cli_runs):
     assert n == 32
 
 
+def test_mission_command_dry_run_notes_unreachable_reward_server(cli_runs):
+    run = cli_runs["mission_dry_run"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout[run.stdout.index("{") :])
+    assert report["passk"]["estimator"] == "passk" and report["passk"]["params_at_step_0"] == {"k": 8}
+    assert report["passk"]["n_samples_per_prompt"] == 32
+    args = report["args"]
+    url = args["reward"]["remote_url"] if V011 else args["remote_rm_url"]
+    assert url == [DOWN_URL]  # OpenRLHF splits the comma-separated list
+    redacted = DOWN_URL.split("?")[0] + "?..."
+    [entry] = report["reward"]
+    assert entry["source"] == redacted and "is not reachable" in entry["health"]
+    assert any(f"reward server {redacted} is not reachable" in w for w in report["warnings"])
+
+
+def test_reward_server_down_stops_before_ray(cli_runs):
+    run = cli_runs["reward_down"]
+    assert run.returncode == 1, run.stderr[-3000:]
+    redacted = DOWN_URL.split("?")[0] + "?..."
+    assert f"[openrlhf-passk] error: the reward server {redacted} (--" in run.stderr
+    assert "is not ready after 1 s" in run.stderr and "tok-123" not in run.stderr
+    assert "Traceback" not in run.stderr and "Ray instance" not in run.stdout + run.stderr
+
+
+def test_dry_run_checks_reward_file(cli_runs):
+    report = json.loads(cli_runs["dry_run"].stdout[cli_runs["dry_run"].stdout.index("{") :])
+    assert report["reward"] == [
+        {"source": MAZE_REWARD, "kind": "reward_func file", "check": "loads, defines reward_func"}
+    ]
+
+
 def test_k_larger_than_n_exits_nonzero_with_message(cli_runs):
     run = cli_runs["k_too_big"]
     assert run.returncode != 0
@@ -246,9 +308,7 @@ def test_bootstrap_is_lazy_and_switchable(subprocess_env):
 
 
 def test_unsupported_version_names_supported_ones():
-    with pytest.raises(
-        upstream.UnsupportedVersion, match=r"supports OpenRLHF 0\.11\.2 and 0\.9\.10, found 0\.10\.0"
-    ):
+    with pytest.raises(upstream.UnsupportedVersion, match=r"supports OpenRLHF 0\.11\.2 and 0\.9\.10, found 0\.10\.0"):
         upstream.layout("0.10.0")
 
 
@@ -429,9 +489,7 @@ def test_per_token_advantages_equal_registry(name, argv, params):
     assert torch.equal(_info(experiences, "passk/zero_adv_frac"), zero)
     if "k" in params:
         k = params["k"]
-        brute = torch.tensor(
-            [1 - math.comb(N - int(ci), k) / math.comb(N, k) for ci in c], dtype=torch.float64
-        )
+        brute = torch.tensor([1 - math.comb(N - int(ci), k) / math.comb(N, k) for ci in c], dtype=torch.float64)
         assert torch.allclose(_info(experiences, "passk/pass@k"), brute.unsqueeze(1).expand(G, N), atol=1e-6)
         assert (_info(experiences, "passk/k") == k).all()
     # group_reward_std is still the std of the rewards (Bessel, as OpenRLHF logs it), rewards are restored.
@@ -471,9 +529,7 @@ def test_registry_path_keeps_everything_group_norm_does():
 
     rewards = torch.rand(G, N, generator=torch.Generator().manual_seed(4))
     ours, _ = _run(_args(name, kl_coef=0.05, overlong=4, clip=(-1.5, 1.5)), rewards)
-    upstream_run, _ = _run(
-        _args("group_norm", kl_coef=0.05, overlong=4, clip=(-1.5, 1.5)), rewards, unpatched=True
-    )
+    upstream_run, _ = _run(_args("group_norm", kl_coef=0.05, overlong=4, clip=(-1.5, 1.5)), rewards, unpatched=True)
     _assert_same(ours, upstream_run)
     assert not torch.allclose(_info(ours, "reward"), rewards.double())  # the overlong penalty did act
 
@@ -524,9 +580,7 @@ def test_user_estimator_module(tmp_path):
         "    return (rewards * 2 - 1) * scale\n"
     )
     rewards = _binary_rewards()
-    args = _args(
-        "_test_sign", passk_argv=["--passk_estimator_module", str(module), "--passk_param", "scale=0.5"]
-    )
+    args = _args("_test_sign", passk_argv=["--passk_estimator_module", str(module), "--passk_param", "scale=0.5"])
     experiences, _ = _run(args, rewards)
     adv, mask = _per_sample(experiences, "advantages")[N + 2]
     assert torch.allclose(adv[mask], ((rewards.view(-1)[N + 2] * 2 - 1) * 0.5).expand(int(mask.sum())))

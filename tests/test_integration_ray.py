@@ -8,6 +8,7 @@ output with the registry.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from openrlhf_passk import advantages
+from openrlhf_passk.integration import upstream
 
 DRIVER = textwrap.dedent(
     r"""
@@ -73,7 +75,10 @@ DRIVER = textwrap.dedent(
                                              SimpleNamespace(args=args), None)
             out = maker.compute_advantages_and_returns(experiences)
             per_sample = {i: e.advantages[j, 0].item() for e in out for j, i in enumerate(e.index)}
+            import openrlhf
+
             return {
+                "openrlhf": [importlib.metadata.version("openrlhf"), openrlhf.__file__],
                 "pid": os.getpid(),
                 "main_file": getattr(sys.modules["__main__"], "__file__", None),
                 "passk_modules": sorted(m for m in sys.modules if m.startswith("openrlhf_passk")),
@@ -102,6 +107,8 @@ def test_ray_worker_gets_the_patched_estimator(tmp_path, subprocess_env):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = {**subprocess_env, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Absolute paths: the driver runs in a temporary directory (and `make` passes the 0.9.10 copy relative).
+    env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
     run = subprocess.run(
         [sys.executable, str(driver), json.dumps(rewards.tolist()), "2"],
         env=env,
@@ -114,6 +121,9 @@ def test_ray_worker_gets_the_patched_estimator(tmp_path, subprocess_env):
     assert run.returncode == 0 and lines, run.stderr[-4000:]
     result = json.loads(lines[-1][len("RESULT ") :])
     assert result["pid"] != result["driver_pid"]  # really another process
+    import openrlhf
+
+    assert result["openrlhf"] == [upstream.openrlhf_version(), openrlhf.__file__]  # the version under test
     assert "default_worker" in (result["main_file"] or "")  # a Ray worker, not a fork of the driver
     # Only the .pth's bootstrap (and what the hooks loaded lazily) is there: the probe imported none of it.
     assert "openrlhf_passk.integration.bootstrap" in result["passk_modules"]

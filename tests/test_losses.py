@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from openrlhf_passk.losses import (
+    SparseGradGather,
     apply_simko,
     candidate_log_probs,
     entropy_gate,
@@ -216,11 +217,11 @@ def test_candidate_log_probs_equal_log_softmax_gather_with_gradients():
     labels = torch.randint(0, 9, (2, 4), generator=g)
     ids = torch.randint(0, 9, (2, 4, 3), generator=g)
     weights = torch.randn(2, 4, 3, generator=g)
+    ids[..., 0] = labels  # the sampled token is often a candidate: duplicate indices in one gather
     # As OpenRLHF computes the label log-prob: gathered logit minus logsumexp, no log_softmax kept.
     label_lp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-    got = candidate_log_probs(
-        logits.gather(-1, ids), logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1), label_lp
-    )
+    gathered = SparseGradGather.apply(logits, torch.cat([labels.unsqueeze(-1), ids], dim=-1))
+    got = candidate_log_probs(gathered[..., 1:], gathered[..., 0], label_lp)
     (got_grad,) = torch.autograd.grad((got * weights).sum(), logits)
     expected = torch.log_softmax(logits, -1).gather(-1, ids)
     (exp_grad,) = torch.autograd.grad((expected * weights).sum(), logits)

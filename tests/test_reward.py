@@ -120,9 +120,9 @@ def test_reward_func_rejects_bad_labels_loudly(file_executor, tokenizer, caplog)
     assert any(r.levelname == "ERROR" and "labels[0]" in r.getMessage() for r in caplog.records)
     with pytest.raises(ValueError, match="same length"):
         file_executor.reward_func(["q", "q"], ["p"], [TRAP])
-    # What OpenRLHF does with the error: logs it at INFO and leaves the reward empty.
-    out = run_executor(file_executor, tokenizer, chat_prompt(tokenizer), GOOD, label="not a maze")
-    assert out["reward"] is None
+    # OpenRLHF alone logs the error at INFO and leaves the reward empty; our hook stops the run instead.
+    with pytest.raises(RuntimeError, match=r"reward file .*maze\.py failed for a sample: ValueError: labels\[0\]"):
+        run_executor(file_executor, tokenizer, chat_prompt(tokenizer), GOOD, label="not a maze")
 
 
 def test_reward_file_reference_mode(monkeypatch, tokenizer):

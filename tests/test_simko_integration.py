@@ -375,6 +375,7 @@ def test_cli_flags_and_validation():
     assert (args.simko, args.simko_top_k, args.simko_tau, args.simko_alpha, args.simko_lambda) == (
         False, 3, 0.8, 0.01, 1.1,
     )  # fmt: skip
+    assert args.simko_correct_threshold == 0.5
     simko.validate(args)
     for flags, message in [
         (["--simko", "--simko_tau", "1.0"], "gates no token"),

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from openrlhf_passk import advantages
-from openrlhf_passk.integration import upstream
+from openrlhf_passk.integration import reward, upstream
 
 DRY_RUN_ENV = "OPENRLHF_PASSK_DRY_RUN"
 # Registry parameter -> our flag. A flag the chosen estimator does not take is an error, not ignored.
@@ -61,16 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="'step' schedule: fraction of the steps after which k becomes --passk_k_end",
     )
-    group.add_argument(
-        "--passk_num_groups", type=int, default=None, help="passk_bootstrap: groups M (default N)"
-    )
+    group.add_argument("--passk_num_groups", type=int, default=None, help="passk_bootstrap: groups M (default N)")
     group.add_argument("--passk_seed", type=int, default=None, help="passk_bootstrap: RNG seed")
-    group.add_argument(
-        "--passk_reduce", choices=["mean", "sum"], default=None, help="passk_bootstrap: mean|sum"
-    )
-    group.add_argument(
-        "--passk_baseline", choices=["none", "loo", "loo-1"], default=None, help="pkpo: baseline"
-    )
+    group.add_argument("--passk_reduce", choices=["mean", "sum"], default=None, help="passk_bootstrap: mean|sum")
+    group.add_argument("--passk_baseline", choices=["none", "loo", "loo-1"], default=None, help="pkpo: baseline")
     group.add_argument("--passk_f", type=str, default=None, help="passk_exceed: weight f(N_pos) ('linear')")
     group.add_argument(
         "--passk_param",
@@ -92,6 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="logged pass@1/pass@k: a sample is correct if its reward (before length penalties) is >= this",
     )
+    group.add_argument(
+        "--passk_reward_wait",
+        type=float,
+        default=reward.DEFAULT_WAIT_S,
+        metavar="SECONDS",
+        help="before training, wait up to this long for an http(s) reward server's /health (0: no check). "
+        "A .py reward file is always checked to load and define reward_func",
+    )
 
 
 def extend_parser(parser: argparse.ArgumentParser, layout: upstream.Layout) -> None:
@@ -102,10 +104,11 @@ def extend_parser(parser: argparse.ArgumentParser, layout: upstream.Layout) -> N
     ours = [name for name in advantages.available() if name not in action.choices]
     action.choices = [*action.choices, *ours]
     action.help = f"{action.help or ''} openrlhf-passk adds: {', '.join(ours)} (see the passk flags below)."
-    for alias in layout.estimator_aliases:  # the mission spells it --advantage_estimator on 0.11 too
-        if alias not in parser._option_string_actions:
-            action.option_strings.append(alias)
-            parser._option_string_actions[alias] = action
+    for alias, flag in layout.flag_aliases:  # the mission's 0.9 spellings, on 0.11 too
+        target = parser._option_string_actions.get(flag)
+        if target is not None and alias not in parser._option_string_actions:
+            target.option_strings.append(alias)
+            parser._option_string_actions[alias] = target
     add_arguments(parser)
     simko.add_arguments(parser)
 
@@ -126,9 +129,7 @@ def load_estimator_module(spec: str | None) -> None:
         else:
             importlib.import_module(spec)
     except Exception as exc:
-        raise ValueError(
-            f"--passk_estimator_module {spec!r} could not be loaded: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise ValueError(f"--passk_estimator_module {spec!r} could not be loaded: {type(exc).__name__}: {exc}") from exc
     _loaded_modules.add(spec)
 
 
@@ -160,8 +161,7 @@ def resolve(args: Any, layout: upstream.Layout, step: int = 0) -> dict[str, Any]
             continue
         if param not in accepted and not takes_any:
             raise ValueError(
-                f"--{flag} does not apply to the {name!r} estimator "
-                f"(its parameters: {', '.join(accepted) or 'none'})"
+                f"--{flag} does not apply to the {name!r} estimator (its parameters: {', '.join(accepted) or 'none'})"
             )
         params[param] = value
     params.update(_parse_param(text) for text in getattr(args, "passk_param", None) or ())
@@ -171,9 +171,7 @@ def resolve(args: Any, layout: upstream.Layout, step: int = 0) -> dict[str, Any]
         raise ValueError(f"the {name!r} estimator needs k: add --passk_k K (K <= n_samples_per_prompt)")
     if schedule != "constant":
         if "k" not in params:
-            raise ValueError(
-                f"--passk_k_schedule {schedule} anneals k, so it needs --passk_k (the starting k)"
-            )
+            raise ValueError(f"--passk_k_schedule {schedule} anneals k, so it needs --passk_k (the starting k)")
         if getattr(args, "passk_k_schedule_steps", None) is None:
             raise ValueError(f"--passk_k_schedule {schedule} needs --passk_k_schedule_steps (training steps)")
         params["k"] = advantages.k_schedule(
@@ -204,9 +202,7 @@ def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None,
         return None, []
     name, params = resolved["estimator"], resolved["params"]
     if n < 2:
-        raise ValueError(
-            f"{name} compares the rollouts of a prompt, so it needs {layout.n_samples_flag} >= 2, got {n}"
-        )
+        raise ValueError(f"{name} compares the rollouts of a prompt, so it needs {layout.n_samples_flag} >= 2, got {n}")
 
     schedule = args.passk_k_schedule
     if schedule != "constant":
@@ -290,27 +286,43 @@ def parse_training_args(parser, original_parse, layout: upstream.Layout, args=No
         parser.error(str(exc))
     extend_parser(parser, layout)
     ns = original_parse(parser, args, namespace)
-    if ns.passk_estimator_module and (
-        ns.passk_estimator_module.endswith(".py") or os.sep in ns.passk_estimator_module
-    ):
-        ns.passk_estimator_module = os.path.abspath(
-            ns.passk_estimator_module
-        )  # Ray workers may run elsewhere
+    if ns.passk_estimator_module and (ns.passk_estimator_module.endswith(".py") or os.sep in ns.passk_estimator_module):
+        ns.passk_estimator_module = os.path.abspath(ns.passk_estimator_module)  # Ray workers may run elsewhere
+    dry_run = os.environ.get(DRY_RUN_ENV, "").strip() not in ("", "0")
+    reward_value = upstream.arg(ns, layout.reward_dest)
     try:
         summary, warnings = validate(ns, layout)
         simko.validate(ns)
+        if ns.passk_reward_wait < 0:
+            raise ValueError(f"--passk_reward_wait must be >= 0 seconds (0: no check), got {ns.passk_reward_wait}")
+        reward_report, reward_warnings = reward.check_sources(reward_value, layout.reward_flag, dry_run)
     except ValueError as exc:
         parser.error(str(exc))
+    warnings += reward_warnings
     for warning in warnings:
         print(f"[openrlhf-passk] WARNING: {warning}", file=sys.stderr)
     if summary is not None:
         print(f"[openrlhf-passk] {json.dumps(summary)}", file=sys.stderr)
-    if os.environ.get(DRY_RUN_ENV, "").strip() not in ("", "0"):
-        _arm_dry_run(summary, warnings)
+    if dry_run:
+        _arm_dry_run(summary, warnings, reward_report)
+    elif ns.passk_reward_wait > 0:
+        _arm_reward_wait(reward_value, ns.passk_reward_wait, layout.reward_flag)
     return ns
 
 
-def _arm_dry_run(summary, warnings) -> None:
+def _arm_reward_wait(reward_value, wait_s: float, flag: str) -> None:
+    """Wait for http(s) reward servers right before OpenRLHF's `train()` (after its own checks, before Ray)."""
+    urls = [s for s in reward.sources(reward_value) if reward.is_http(s)]
+    if not urls:
+        return
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) == upstream.CLI_MODULE:
+        main.train = reward.wrap_train(main.train, urls, wait_s, flag)
+    else:  # parse_args called from elsewhere: wait now
+        reward.wrap_train(lambda args: None, urls, wait_s, flag)(None)
+
+
+def _arm_dry_run(summary, warnings, reward_report=()) -> None:
     """Let OpenRLHF finish its own checks, then print instead of `train(args)` (no Ray, no GPU)."""
 
     def dry_run_train(args):
@@ -320,6 +332,7 @@ def _arm_dry_run(summary, warnings) -> None:
                     "dry_run": "configuration is valid",
                     "openrlhf": upstream.openrlhf_version(),
                     "passk": summary,
+                    "reward": list(reward_report),
                     "warnings": warnings,
                     "args": _plain(args),
                 },
@@ -345,4 +358,7 @@ def _arm_dry_run(summary, warnings) -> None:
 def _plain(value):
     if isinstance(value, (SimpleNamespace, argparse.Namespace)):
         return {k: _plain(v) for k, v in vars(value).items()}
+    # A reward URL may carry its token as ?token=...: never print it.
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        return ",".join(reward.redact(u) for u in value.split(","))
     return value

@@ -58,7 +58,6 @@ def report() -> dict:
         simko_status = {
             "ok": True,
             "patches": sorted(simko.PATCHES),
-            "upstream_symbols": list(simko.UPSTREAM_SYMBOLS),
         }
     except Exception as exc:
         simko_status = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

@@ -1,8 +1,8 @@
 """Post-import patching of OpenRLHF, driven by the finder that `bootstrap` installs.
 
 Two kinds of hooks:
-- modules patched after they execute (`patch_table()`: ours from `experience`, SimKO's from
-  `simko.PATCHES`): their spec's loader is wrapped so `exec_module` runs the patch functions after
+- modules patched after they execute (`patch_table()`: ours from `experience` and `reward`, SimKO's
+  from `simko.PATCHES`): their spec's loader is wrapped so `exec_module` runs the patch functions after
   the module body;
 - the training CLI `openrlhf.cli.train_ppo_ray`, which `python -m` runs as `__main__` through runpy
   (no `exec_module`, and its parser is built inside `if __name__ == "__main__":`). While it loads,
@@ -39,7 +39,7 @@ def _supported_layout() -> upstream.Layout | None:
 @functools.cache
 def patch_table() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
     """Upstream module name -> patch functions (ours, then SimKO's)."""
-    from openrlhf_passk.integration import experience
+    from openrlhf_passk.integration import experience, reward
 
     try:
         from openrlhf_passk.integration import simko
@@ -51,12 +51,11 @@ def patch_table() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
         ) from exc
     patches = getattr(simko, "PATCHES", None)
     if not isinstance(patches, dict):
-        raise ImportError(
-            "openrlhf-passk: openrlhf_passk.integration.simko must define PATCHES: dict[str, callable]"
-        )
+        raise ImportError("openrlhf-passk: openrlhf_passk.integration.simko must define PATCHES: dict[str, callable]")
     table: dict[str, list[Callable[[ModuleType], None]]] = {
         upstream.EXPERIENCE_MAKER_MODULE: [experience.patch_experience_maker],
         upstream.TRAINER_MODULE: [experience.patch_trainer],
+        upstream.AGENT_MODULE: [reward.patch_agent],
     }
     for name, fn in patches.items():
         table.setdefault(name, []).append(fn)

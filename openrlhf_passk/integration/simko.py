@@ -9,7 +9,8 @@ Data flow with `--simko`:
    and, from the logits already in memory, takes each position's top-K ids, entropy and top-1
    probability (in chunks of positions, see `losses.topk_and_entropy`). It returns them next to the
    log-probs; the driver's `RemoteExperienceMaker` stores on each Experience the ids, the per-response
-   entropy gate (tau-quantile), the entropies and correct = (reward > 0.5), and logs the
+   entropy gate (tau-quantile), the entropies and correct = (reward > --simko_correct_threshold,
+   0.5 by default, read before length penalties), and logs the
    over-concentration signals in `experience.info`.
 2. Those are dataclass fields added to `Experience` (step fields follow the per-token padding,
    trimming, splitting, shuffling and balancing; `simko_correct` is an episode field). The ids are
@@ -32,80 +33,28 @@ from typing import Any
 
 import torch
 
-from openrlhf_passk.losses import apply_simko, candidate_log_probs, entropy_gate, topk_and_entropy
+from openrlhf_passk.integration import upstream
+from openrlhf_passk.losses import (
+    SparseGradGather,
+    apply_simko,
+    candidate_log_probs,
+    entropy_gate,
+    topk_and_entropy,
+)
 
-EXPERIENCE_MODULE = "openrlhf.trainer.ppo_utils.experience"
-EXPERIENCE_MAKER_MODULE = "openrlhf.trainer.ppo_utils.experience_maker"
-PPO_ACTOR_MODULE = "openrlhf.trainer.ray.ppo_actor"
-RING_ATTN_MODULE = "openrlhf.models.ring_attn_utils"
-
-# Responses with reward above this count as correct (binary 0/1 rewards; documented in the README).
-CORRECT_THRESHOLD = 0.5
+# Every upstream symbol SimKO patches, calls or reads is listed in upstream.PATCHED_SYMBOLS / READ_SYMBOLS.
+EXPERIENCE_MODULE = upstream.EXPERIENCE_MODULE
+EXPERIENCE_MAKER_MODULE = upstream.EXPERIENCE_MAKER_MODULE
+PPO_ACTOR_MODULE = upstream.PPO_ACTOR_MODULE
+RING_ATTN_MODULE = upstream.RING_ATTN_MODULE
 
 # New Experience fields -> OpenRLHF tensor role ("step": per token, "episode": per response).
 EXPERIENCE_FIELDS = {
     "simko_topk_ids": "step",  # (B, A * K) int32, token-major: old policy's top-K ids at each position
     "simko_gate": "step",  # (B, A) float 0/1: entropy above the response's tau-quantile
     "simko_entropy": "step",  # (B, A) float: old policy's entropy at each position
-    "simko_correct": "episode",  # (B,) float 0/1: reward > CORRECT_THRESHOLD
+    "simko_correct": "episode",  # (B,) float 0/1: raw reward > --simko_correct_threshold
 }
-
-UPSTREAM_SYMBOLS: list[dict[str, str]] = [
-    {
-        "symbol": f"{EXPERIENCE_MODULE}.Experience",
-        "use": "dataclass fields added in place (EXPERIENCE_FIELDS, default None) and __init__ wrapped to "
-        "accept them, once SimKO is enabled in the process; read: tensor_field, the 'step'/'episode' roles",
-        "checked": "0.11.2, 0.9.10",
-    },
-    {
-        "symbol": f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker.__init__",
-        "use": "wrapped: adds the Experience fields in the driver when args.simko",
-        "checked": "0.11.2, 0.9.10",
-    },
-    {
-        "symbol": f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker._flatten_results",
-        "use": "wrapped: unpacks the policy actor's SimKO dicts into log-probs (kept for make_experience)",
-        "checked": "0.11.2, 0.9.10",
-    },
-    {
-        "symbol": f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker.make_experience",
-        "use": "wrapped: after the original, attaches ids, gate, entropy, correct and info metrics",
-        "checked": "0.11.2, 0.9.10",
-    },
-    {
-        "symbol": f"{PPO_ACTOR_MODULE}.ActorPPOTrainer.__init__",
-        "use": "wrapped: when args.simko, adds the Experience fields in the worker and wraps this "
-        "trainer's actor.forward and actor_loss_fn.forward (instance attributes, not the classes)",
-        "checked": "0.11.2, 0.9.10",
-    },
-    {
-        "symbol": f"{PPO_ACTOR_MODULE}.ActorPPOTrainer.training_step",
-        "use": "wrapped: hands the batch's ids / gate / correct to the actor and loss wrappers",
-        "checked": "0.11.2, 0.9.10",
-    },
-    {
-        "symbol": f"{PPO_ACTOR_MODULE}.PolicyModelActor.forward (on __ray_metadata__.modified_class)",
-        "use": "wrapped: returns a dict with the top-K ids, entropies, top-1 probs next to the log-probs",
-        "checked": "0.11.2, 0.9.10 (ray 2.55 ActorClass layout)",
-    },
-    {
-        "symbol": "openrlhf.models.actor.Actor.forward",
-        "use": "wrapped per instance: relies on (action_log_probs, output) with return_output=True and "
-        "output['logits'] fp32 and already divided by the temperature",
-        "checked": "0.11.2, 0.9.10",
-    },
-    {
-        "symbol": "openrlhf.models.loss.PolicyLoss.forward",
-        "use": "wrapped per instance: its (log_probs, old_log_probs, advantages, action_mask, ...) inputs "
-        "are replaced by SimKO's; everything else passes through",
-        "checked": "0.11.2, 0.9.10",
-    },
-    {
-        "symbol": f"{RING_ATTN_MODULE}.unpad_and_slice_tensor, gather_and_pad_tensor",
-        "use": "called (not patched) to map packed-sample positions (--packing_samples) to padded ones",
-        "checked": "0.11.2, 0.9.10",
-    },
-]
 
 
 # ── CLI ──
@@ -124,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--simko_alpha", type=float, default=0.01, help="SimKO: top-K mixing weight")
     group.add_argument("--simko_lambda", type=float, default=1.1, help="SimKO: top-1 penalty factor")
+    group.add_argument(
+        "--simko_correct_threshold",
+        type=float,
+        default=0.5,
+        help="SimKO: a response is correct if its reward (before length penalties) is above this",
+    )
 
 
 def _lookup(args: Any, *dests: str, default: Any = None) -> Any:
@@ -173,6 +128,7 @@ def _config(args: Any) -> dict[str, float] | None:
         "tau": float(args.simko_tau),
         "alpha": float(args.simko_alpha),
         "lam": float(args.simko_lambda),
+        "correct_threshold": float(getattr(args, "simko_correct_threshold", 0.5)),
     }
 
 
@@ -264,7 +220,8 @@ def _actor_forward(trainer, original, sequences, action_mask=None, attention_mas
     else:
         labels, ids = _candidate_inputs(trainer.actor, state["ids"], sequences, attention_mask, ring)
         # K + 1 gathers from the logits in memory: the sampled token's logit (for the logsumexp) and K.
-        gathered = logits.gather(-1, torch.cat([labels.unsqueeze(-1), ids], dim=-1))
+        # Sparse gradient: a dense one would be a second (T, V) buffer at the backward's peak.
+        gathered = SparseGradGather.apply(logits, torch.cat([labels.unsqueeze(-1), ids], dim=-1))
         label_logits, *cand_logits = _to_actions(
             trainer.actor, gathered.unbind(-1), sequences, attention_mask, ring, num_actions
         )
@@ -388,7 +345,7 @@ def _make_experience(original, self, samples_list):
         mask = experience.action_mask.bool()
         ids, entropy = out["simko_topk_ids"], out["simko_entropy"].float()
         gate = entropy_gate(entropy, mask, cfg["tau"])
-        correct = (experience.rewards.float() > CORRECT_THRESHOLD).float()
+        correct = (experience.rewards.float() > cfg["correct_threshold"]).float()
         experience.simko_topk_ids = ids.reshape(ids.shape[0], -1)
         experience.simko_gate = gate
         experience.simko_entropy = entropy

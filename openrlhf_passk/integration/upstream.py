@@ -14,6 +14,10 @@ from typing import Any
 CLI_MODULE = "openrlhf.cli.train_ppo_ray"
 EXPERIENCE_MAKER_MODULE = "openrlhf.trainer.ppo_utils.experience_maker"
 TRAINER_MODULE = "openrlhf.trainer.ppo_trainer"
+AGENT_MODULE = "openrlhf.utils.agent"
+EXPERIENCE_MODULE = "openrlhf.trainer.ppo_utils.experience"
+PPO_ACTOR_MODULE = "openrlhf.trainer.ray.ppo_actor"
+RING_ATTN_MODULE = "openrlhf.models.ring_attn_utils"
 
 # Upstream symbol -> what we do with it. Checked on OpenRLHF 0.11.2 and 0.9.10 (same names in both).
 PATCHED_SYMBOLS: dict[str, str] = {
@@ -39,12 +43,63 @@ PATCHED_SYMBOLS: dict[str, str] = {
         "wrapped to record its global_step argument on the experience maker (the step the k schedule "
         "reads; restored from the checkpoint when resuming)"
     ),
+    # Upstream's `execute` catches every reward error, logs it at INFO and leaves the sample's reward None.
+    f"{AGENT_MODULE}.SingleTurnAgentExecutor.execute": (
+        "wrapped (integration/reward.py): when a reward endpoint is set and the reward call failed or gave "
+        "no reward, logs at ERROR with the source and the original exception and raises RuntimeError"
+    ),
+    f"{AGENT_MODULE}.SingleTurnAgentExecutor._fetch_rewards_via_func": (
+        "wrapped: records the exception of the user's reward_func, and rejects a result that is not a dict "
+        "with 'rewards' (upstream's HTTP retries stay: the wrapper sits outside them)"
+    ),
+    f"{AGENT_MODULE}.SingleTurnAgentExecutor._fetch_rewards_via_http": "wrapped, as _fetch_rewards_via_func",
+    f"{AGENT_MODULE}.logger": (
+        "a logging filter (passes every record) keeps the INFO lines that upstream's inner `_post_request` "
+        "(record.funcName) logs per failed HTTP try, so the final error can quote the real cause"
+    ),
+    # SimKO (integration/simko.py); every wrapper calls the original unchanged unless --simko is on.
+    f"{EXPERIENCE_MODULE}.Experience": (
+        "SimKO: dataclass fields added in place (EXPERIENCE_FIELDS, default None) and __init__ wrapped to "
+        "accept them, once SimKO is enabled in the process; read: tensor_field, the 'step'/'episode' roles"
+    ),
+    f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker.__init__": (
+        "SimKO: wrapped: adds the Experience fields in the driver when args.simko"
+    ),
+    f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker._flatten_results": (
+        "SimKO: wrapped: unpacks the policy actor's SimKO dicts into log-probs (kept for make_experience)"
+    ),
+    f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker.make_experience": (
+        "SimKO: wrapped: after the original, attaches ids, gate, entropy, correct and info metrics"
+    ),
+    f"{PPO_ACTOR_MODULE}.ActorPPOTrainer.__init__": (
+        "SimKO: wrapped: when args.simko, adds the Experience fields in the worker and wraps this trainer's "
+        "actor.forward and actor_loss_fn.forward (instance attributes, not the classes)"
+    ),
+    f"{PPO_ACTOR_MODULE}.ActorPPOTrainer.training_step": (
+        "SimKO: wrapped: hands the batch's ids / gate / correct to the actor and loss wrappers"
+    ),
+    f"{PPO_ACTOR_MODULE}.PolicyModelActor.forward (on __ray_metadata__.modified_class)": (
+        "SimKO: wrapped: returns a dict with the top-K ids, entropies, top-1 probs next to the log-probs "
+        "(checked on 0.11.2, 0.9.10 (with ray 2.55: ActorClass.__ray_metadata__.modified_class))"
+    ),
+    "openrlhf.models.actor.Actor.forward": (
+        "SimKO: wrapped per instance: relies on (action_log_probs, output) with return_output=True and "
+        "output['logits'] fp32 and already divided by the temperature"
+    ),
+    "openrlhf.models.loss.PolicyLoss.forward": (
+        "SimKO: wrapped per instance: its (log_probs, old_log_probs, advantages, action_mask, ...) inputs are"
+        " replaced by SimKO's; everything else passes through"
+    ),
 }
 
 # Read, not patched: Experience.index / .rewards / .info / .action_mask, and args.<flags> in LAYOUTS.
 READ_SYMBOLS = (
     f"{EXPERIENCE_MAKER_MODULE}.Experience fields index, rewards, info",
     f"{TRAINER_MODULE}.BasePPOTrainer.experience_maker",
+    f"{AGENT_MODULE}.SingleTurnAgentExecutor.reward_endpoints (list of the comma-separated reward sources)",
+    f"{CLI_MODULE}.train (in __main__): wrapped to wait for the reward server's /health before it starts Ray",
+    f"{RING_ATTN_MODULE}.unpad_and_slice_tensor, gather_and_pad_tensor: called by SimKO to map packed-sample "
+    "positions (--packing_samples) to padded ones",
 )
 
 
@@ -56,9 +111,12 @@ class Layout:
     estimator_flag: str
     n_samples_dest: str
     n_samples_flag: str
+    reward_dest: str
+    reward_flag: str
     builtin_estimators: tuple[str, ...]
-    # Extra spellings of the estimator flag we accept (the mission writes --advantage_estimator).
-    estimator_aliases: tuple[str, ...] = ()
+    # (alias, upstream flag): extra spellings we accept. On 0.11 the mission's 0.9-style command
+    # (--advantage_estimator, --n_samples_per_prompt, --remote_rm_url) then runs verbatim.
+    flag_aliases: tuple[tuple[str, str], ...] = ()
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -67,6 +125,8 @@ LAYOUTS: dict[str, Layout] = {
         estimator_flag="--algo.advantage.estimator",
         n_samples_dest="rollout.n_samples_per_prompt",
         n_samples_flag="--rollout.n_samples_per_prompt",
+        reward_dest="reward.remote_url",
+        reward_flag="--reward.remote_url",
         builtin_estimators=(
             "gae",
             "reinforce",
@@ -76,13 +136,19 @@ LAYOUTS: dict[str, Layout] = {
             "dr_grpo",
             "flash_reinforce",
         ),
-        estimator_aliases=("--advantage_estimator",),
+        flag_aliases=(
+            ("--advantage_estimator", "--algo.advantage.estimator"),
+            ("--n_samples_per_prompt", "--rollout.n_samples_per_prompt"),
+            ("--remote_rm_url", "--reward.remote_url"),
+        ),
     ),
     "0.9.10": Layout(
         estimator_dest="advantage_estimator",
         estimator_flag="--advantage_estimator",
         n_samples_dest="n_samples_per_prompt",
         n_samples_flag="--n_samples_per_prompt",
+        reward_dest="remote_rm_url",
+        reward_flag="--remote_rm_url",
         builtin_estimators=("gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo"),
     ),
 }

@@ -1,0 +1,258 @@
+"""A failing reward source stops the run loudly, through the REAL upstream reward call
+(`openrlhf.utils.agent.SingleTurnAgentExecutor.execute`, patched by the .pth hook), on 0.11.2 and, with its
+copy first on PYTHONPATH, 0.9.10. Also the readiness checks the driver makes before training.
+
+HTTP cases talk to a tiny server on 127.0.0.1; upstream's 1 s pause between its 5 tries is shortened
+(asyncio.sleep is counted, not skipped), so the retries still happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from openrlhf_passk.integration import reward
+
+TOKEN = "secret-token-42"
+
+
+class CharTokenizer:
+    """One token per character: enough for the executor's tokenize/decode round trip (no download)."""
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids)
+
+
+class FakeEngine:
+    """Stands in for the vLLM engine: 'generates' a fixed response."""
+
+    async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
+        out = SimpleNamespace(token_ids=[ord(c) for c in "RRDD"], text="RRDD", finish_reason="stop", logprobs=None)
+        return SimpleNamespace(outputs=[out])
+
+
+def run_sample(executor):
+    params = SimpleNamespace(max_tokens=16, logprobs=None)
+    return asyncio.run(executor.execute("maze?", "label", params, 64, CharTokenizer(), FakeEngine()))
+
+
+@pytest.fixture
+def agent_errors():
+    """ERROR records of OpenRLHF's agent logger (it does not propagate, so caplog cannot see them)."""
+    from openrlhf.utils import agent
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append
+    agent.logger.addHandler(handler)
+    yield records
+    agent.logger.removeHandler(handler)
+
+
+def reward_file(tmp_path, body: str) -> str:
+    path = tmp_path / "my_reward.py"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def test_good_reward_file_passes_through(tmp_path):
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    path = reward_file(
+        tmp_path,
+        """
+        import torch
+        def reward_func(queries, prompts, labels, **kw):
+            return {"rewards": torch.tensor([float(queries[0].endswith("RRDD"))]), "scores": torch.tensor([0.5])}
+        """,
+    )
+    out = run_sample(SingleTurnAgentExecutor(remote_rm_url=path))
+    assert out["reward"].tolist() == [1.0] and out["scores"].tolist() == [0.5]
+
+
+def test_reward_file_that_raises_stops_the_run(tmp_path, agent_errors):
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    body = "def reward_func(queries, prompts, labels, **kw):\n    raise KeyError('no such maze')\n"
+    path = reward_file(tmp_path, body)
+    with pytest.raises(RuntimeError) as info:
+        run_sample(SingleTurnAgentExecutor(remote_rm_url=path))
+    message = str(info.value)
+    assert f"reward file {path} failed" in message and "KeyError: 'no such maze'" in message
+    assert "Fix: fix reward_func" in message and "OPENRLHF_PASSK_DISABLE=1" in message
+    assert isinstance(info.value.__cause__, KeyError)
+    assert [r.getMessage() for r in agent_errors] == [message]
+    reward._logged_traceback.clear()  # the first failure of a process logs the original's traceback
+    with pytest.raises(RuntimeError):
+        run_sample(SingleTurnAgentExecutor(remote_rm_url=path))
+    assert isinstance(agent_errors[1].exc_info[1], KeyError)
+
+
+@pytest.mark.parametrize(
+    "returned,expected",
+    [("[1.0]", "expected a dict with 'rewards', got list: [1.0]"), ("{'score': 1.0}", "has no 'rewards'")],
+)
+def test_malformed_reward_file_result_stops_the_run(tmp_path, returned, expected):
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    path = reward_file(tmp_path, f"def reward_func(queries, prompts, labels, **kw):\n    return {returned}\n")
+    with pytest.raises(RuntimeError, match="malformed reward response") as info:
+        run_sample(SingleTurnAgentExecutor(remote_rm_url=path))
+    assert expected in str(info.value) and path in str(info.value)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        server = self.server
+        server.health_calls += 1
+        ok = self.path == "/health" and server.health_calls > server.health_starting
+        self.send_response(200 if ok else 503)
+        self.end_headers()
+        self.wfile.write(b'{"status": "ok"}' if ok else b'{"status": "starting"}')
+
+    def do_POST(self):
+        self.server.posts.append(self.path)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(500)
+        self.end_headers()
+        self.wfile.write(b'{"error": "boom"}')
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.posts, server.health_calls, server.health_starting = [], 0, 0
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """Upstream waits 1 s between HTTP tries; record the pauses and wait 0 s instead."""
+    pauses: list[float] = []
+    original = asyncio.sleep
+
+    async def sleep(delay, result=None):
+        pauses.append(delay)
+        return await original(0, result)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    return pauses
+
+
+def test_http_500_stops_the_run_after_upstream_retries(http_server, quick_retries, agent_errors):
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    url = f"http://127.0.0.1:{http_server.server_port}/reward?token={TOKEN}"
+    with pytest.raises(RuntimeError) as info:
+        run_sample(SingleTurnAgentExecutor(remote_rm_url=url))
+    message = str(info.value)
+    assert f"reward server http://127.0.0.1:{http_server.server_port}/reward?... failed" in message
+    assert "500" in message and "Internal Server Error" in message  # upstream's per-try cause, quoted
+    assert TOKEN not in message
+    assert len(http_server.posts) == 5 and quick_retries.count(1) == 5  # upstream's 5 tries, 1 s apart
+    assert len(agent_errors) == 1
+
+
+def test_http_connection_refused_stops_the_run(quick_retries):
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    url = f"http://127.0.0.1:{closed_port()}/"
+    with pytest.raises(RuntimeError, match="reward server http://127.0.0.1:.* failed") as info:
+        run_sample(SingleTurnAgentExecutor(remote_rm_url=url))
+    assert "Cannot connect to host 127.0.0.1" in str(info.value)
+    assert "check the reward server is running" in str(info.value)
+
+
+def test_hook_disabled_keeps_upstream_behaviour(tmp_path, subprocess_env):
+    """OPENRLHF_PASSK_DISABLE=1: upstream swallows the error and the reward is None (as before us)."""
+    path = reward_file(tmp_path, "def reward_func(queries, prompts, labels, **kw):\n    raise KeyError('x')\n")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_integration_reward import run_sample
+        from openrlhf.utils.agent import SingleTurnAgentExecutor
+        out = run_sample(SingleTurnAgentExecutor(remote_rm_url={path!r}))
+        print("REWARD", out["reward"], "WRAPPED", hasattr(SingleTurnAgentExecutor.execute, "__wrapped__"))
+        """
+    )
+    env = {**subprocess_env, "OPENRLHF_PASSK_DISABLE": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "REWARD None WRAPPED False" in run.stdout
+    assert "Failed to fetch reward from remote RM" in run.stdout  # upstream's INFO line
+
+
+# --- readiness (driver side) -------------------------------------------------------------------------
+
+
+def test_wait_ready_times_out_with_the_url_on_a_closed_port():
+    url = f"http://127.0.0.1:{closed_port()}/reward?token={TOKEN}"
+    start = time.monotonic()
+    with pytest.raises(RuntimeError) as info:
+        reward.wait_ready(url, wait_s=1.0, flag="--remote_rm_url", interval=0.2)
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert "reward server http://127.0.0.1:" in message and "not ready after 1 s" in message
+    assert "--passk_reward_wait" in message and TOKEN not in message
+
+
+def test_wait_ready_waits_for_a_starting_server(http_server):
+    http_server.health_starting = 2  # answers 503 twice, as our server does before its self-check
+    url = f"http://127.0.0.1:{http_server.server_port}/?token={TOKEN}"
+    detail = reward.wait_ready(url, wait_s=30, flag="--remote_rm_url", interval=0.05)
+    assert detail.endswith("/health answered 200") and http_server.health_calls == 3
+
+
+def test_check_sources_reward_files(tmp_path):
+    flag = "--remote_rm_url"
+    with pytest.raises(ValueError, match=f"{flag}: reward file .*nope.py does not exist"):
+        reward.check_sources(str(tmp_path / "nope.py"), flag, dry_run=True)
+    path = reward_file(tmp_path, "import no_such_module_xyz\n")
+    with pytest.raises(ValueError, match="failed to load: ModuleNotFoundError.*absolute imports"):
+        reward.check_sources(path, flag, dry_run=False)
+    path = reward_file(tmp_path, "def reward(queries, prompts, labels):\n    return {}\n")
+    with pytest.raises(ValueError, match="defines no function reward_func"):
+        reward.check_sources(path, flag, dry_run=False)
+    path = reward_file(tmp_path, "def reward_func(queries, prompts, labels):\n    return {}\n")
+    report, warnings = reward.check_sources(path, flag, dry_run=False)
+    assert report[0]["source"] == path and warnings == []
+
+
+def test_check_sources_urls_probe_only_in_dry_run(http_server):
+    down = f"http://127.0.0.1:{closed_port()}/"
+    up = f"http://127.0.0.1:{http_server.server_port}/"
+    report, warnings = reward.check_sources(f"{down},{up}", "--reward.remote_url", dry_run=True)
+    assert "is not reachable" in report[0]["health"] and report[1]["health"].endswith("answered 200")
+    assert len(warnings) == 1 and down in warnings[0]
+    report, warnings = reward.check_sources(down, "--reward.remote_url", dry_run=False)
+    assert "health" not in report[0] and warnings == [] and http_server.health_calls == 1
