@@ -59,6 +59,9 @@ def patch_table() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
     }
     for name, fn in patches.items():
         table.setdefault(name, []).append(fn)
+    unlisted = set(table) - upstream.PATCHED_MODULES
+    if unlisted:  # the finder only looks at PATCHED_MODULES: a patch elsewhere would never run
+        raise ImportError(f"openrlhf-passk: patched modules missing from upstream.PATCHED_MODULES: {sorted(unlisted)}")
     return {name: tuple(fns) for name, fns in table.items()}
 
 
@@ -104,7 +107,7 @@ def find_spec(finder, name: str, path, target):
     if name == upstream.CLI_MODULE:
         _wrap_parse_args()
         return None
-    if name not in patch_table():
+    if name not in upstream.PATCHED_MODULES or name not in patch_table():
         return None
     # Find the real spec with the finders that come after ours, then wrap its loader.
     for other in sys.meta_path:

@@ -18,6 +18,9 @@ AGENT_MODULE = "openrlhf.utils.agent"
 EXPERIENCE_MODULE = "openrlhf.trainer.ppo_utils.experience"
 PPO_ACTOR_MODULE = "openrlhf.trainer.ray.ppo_actor"
 RING_ATTN_MODULE = "openrlhf.models.ring_attn_utils"
+# Modules whose import triggers a patch. Named here (not derived from the patch functions) so that the
+# import hook can skip every other `openrlhf.*` lookup without importing torch or our patch code.
+PATCHED_MODULES = frozenset({EXPERIENCE_MAKER_MODULE, TRAINER_MODULE, AGENT_MODULE, PPO_ACTOR_MODULE})
 
 # Upstream symbol -> what we do with it. Checked on OpenRLHF 0.11.2 and 0.9.10 (same names in both).
 PATCHED_SYMBOLS: dict[str, str] = {
