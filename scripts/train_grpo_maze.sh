@@ -15,12 +15,4 @@ source "$here/lib/maze_recipe.sh"
     die "train_grpo_maze.sh always uses ESTIMATOR=group_norm; use train_passk_maze.sh for '$ESTIMATOR'"
 ESTIMATOR=group_norm
 RUN_NAME=${RUN_NAME:-grpo-maze}
-PYTHON=${PYTHON:-python3}
-if [[ ${DRY_RUN:-0} != 1 ]]; then
-    require_openrlhf_011
-fi
-build_maze_recipe
-if [[ ${DRY_RUN:-0} != 1 ]]; then
-    mkdir -p "$CKPT_DIR" "$LOG_DIR"
-fi
-run_or_print "${TRAIN_CMD[@]}"
+run_maze_training

@@ -16,12 +16,4 @@ source "$here/lib/common.sh"
 source "$here/lib/maze_recipe.sh"
 
 ESTIMATOR=${ESTIMATOR:-passk}
-PYTHON=${PYTHON:-python3}
-if [[ ${DRY_RUN:-0} != 1 ]]; then
-    require_openrlhf_011
-fi
-build_maze_recipe
-if [[ ${DRY_RUN:-0} != 1 ]]; then
-    mkdir -p "$CKPT_DIR" "$LOG_DIR"
-fi
-run_or_print "${TRAIN_CMD[@]}"
+run_maze_training

@@ -27,6 +27,17 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Many tiny tensor ops: with 2 threads on a shared, loaded 2-core machine they run ~7x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -243,8 +243,9 @@ def test_mission_command_dry_run_notes_unreachable_reward_server(cli_runs):
     assert report["passk"]["n_samples_per_prompt"] == 32
     args = report["args"]
     url = args["reward"]["remote_url"] if V011 else args["remote_rm_url"]
-    assert url == [DOWN_URL]  # OpenRLHF splits the comma-separated list
     redacted = DOWN_URL.split("?")[0] + "?..."
+    assert url == [redacted]  # OpenRLHF splits the comma-separated list; the token is never printed
+    assert "tok-123" not in run.stdout + run.stderr
     [entry] = report["reward"]
     assert entry["source"] == redacted and "is not reachable" in entry["health"]
     assert any(f"reward server {redacted} is not reachable" in w for w in report["warnings"])

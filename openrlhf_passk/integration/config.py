@@ -358,6 +358,8 @@ def _arm_dry_run(summary, warnings, reward_report=()) -> None:
 def _plain(value):
     if isinstance(value, (SimpleNamespace, argparse.Namespace)):
         return {k: _plain(v) for k, v in vars(value).items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     # A reward URL may carry its token as ?token=...: never print it.
     if isinstance(value, str) and value.startswith(("http://", "https://")):
         return ",".join(reward.redact(u) for u in value.split(","))

@@ -159,3 +159,17 @@ require_openrlhf_011() {
     [[ $version == 0.11.* ]] ||
         die "these scripts use OpenRLHF 0.11 flag names, but $PYTHON has openrlhf $version: pip install 'openrlhf[vllm]==0.11.2'"
 }
+
+# The tail of both train scripts: check the installed OpenRLHF, build the command, then run it (or only
+# print it with DRY_RUN=1). Kept here so that passk and grpo runs can never drift apart.
+run_maze_training() {
+    PYTHON=${PYTHON:-python3}
+    if [[ ${DRY_RUN:-0} != 1 ]]; then
+        require_openrlhf_011
+    fi
+    build_maze_recipe
+    if [[ ${DRY_RUN:-0} != 1 ]]; then
+        mkdir -p "$CKPT_DIR" "$LOG_DIR"
+    fi
+    run_or_print "${TRAIN_CMD[@]}"
+}
