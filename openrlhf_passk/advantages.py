@@ -137,6 +137,9 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
     # Scale first so huge rewards cannot overflow the squares; the result is scale-free anyway.
     x = x / x.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
     centred = x - x.mean(dim=1, keepdim=True)
+    # Centre twice: for nearly tied values the rounded mean is off by an ulp that is as large as the
+    # spread itself; the second pass removes it (the result then sums to zero, as it must).
+    centred = centred - centred.mean(dim=1, keepdim=True)
     std = centred.pow(2).mean(dim=1, keepdim=True).sqrt()
     # Test constancy exactly: a rounded mean can leave a tiny non-zero std for equal values.
     constant = (x == x[:, :1]).all(dim=1, keepdim=True)
@@ -312,7 +315,7 @@ def pkpo(rewards: torch.Tensor, *, k: int, baseline: str = "loo-1") -> torch.Ten
     """PKPO transformed rewards (unbiased gradient weights for max@k; pass@k for 0/1 rewards).
 
     s_i = (1/C(N,k)) sum over the k-subsets containing i of the subset max; binary: k/N if correct,
-    (k/N) (1 - C(N-c,k-1)/C(N-1,k-1)) if wrong (c correct). Baselines from the other N-1 rewards g_-i,
+    (k/N) (1 - C(N-1-c,k-1)/C(N-1,k-1)) if wrong (c correct). Baselines from the other N-1 rewards g_-i,
     with rho(g; m) = mean over m-subsets of g of the subset max:
     "none": s_i; "loo": s_i - k/(N-1) rho(g_-i; k) (needs k <= N-1);
     "loo-1" (default): s_i - (k/N) rho(g_-i; k-1) = (k/N) mean over (k-1)-subsets T of the others of
@@ -391,7 +394,7 @@ def k_schedule(
 ) -> int:
     """k for training step `step` (0-based), annealing k_start -> k_end over total_steps.
 
-    "constant": k_start. "linear": round(k_start + (k_end - k_start) * min(step / total_steps, 1)).
+    "constant": k_start. "linear": k_start + (k_end - k_start) * min(step / total_steps, 1), rounded half up.
     "step": k_start while step < switch_at * total_steps, then k_end (Pass@k, then Pass@1).
     """
     for name, value, low in (

@@ -69,7 +69,7 @@ def apply_simko(
     lam: float = 1.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SimKO's change to the PPO inputs: (lp', A') = (`simko_log_probs` with w_t = alpha * gate_t on
-    correct responses, `simko_advantages` where gate_t and sampled_is_top1_t on wrong responses).
+    correct responses, `simko_advantages` where gate_t and sampled_is_top1_t and A_t < 0 on wrong responses).
 
     cand_log_probs (B, T, K): current log-probs at the old top-K ids; gate (B, T): entropy gate in
     {0, 1}; sampled_is_top1 (B, T): the sampled token is the old top-1; correct (B,): per response."""
@@ -82,9 +82,15 @@ def apply_simko(
             raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
     if tuple(correct.shape) != shape[:1]:
         raise ValueError(f"correct must have shape ({shape[0]},), got {tuple(correct.shape)}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha (SimKO's top-K mixing weight) must be in [0, 1], got {alpha}")
+    if not lam > 0:
+        raise ValueError(f"lam (SimKO's top-1 penalty factor) must be > 0, got {lam}; 1 turns the penalty off")
     correct = correct.bool().unsqueeze(-1)
     weight = alpha * gate.to(log_probs.dtype) * correct
-    penalty = gate.bool() & sampled_is_top1.bool() & ~correct
+    # Only a negative advantage is a penalty to strengthen: some estimators (passk_full, pkpo without a
+    # baseline) can give a wrong response a positive advantage, which lambda must not boost.
+    penalty = gate.bool() & sampled_is_top1.bool() & ~correct & (advantages < 0)
     return simko_log_probs(log_probs, cand_log_probs, weight), simko_advantages(advantages, penalty, lam)
 
 
@@ -154,7 +160,9 @@ def topk_and_entropy(
     for start in range(0, flat.shape[0], chunk_size):
         chunk = flat[start : start + chunk_size].float()
         lse = torch.logsumexp(chunk, dim=-1)
-        entropy[start : start + chunk_size] = lse - (torch.softmax(chunk, dim=-1) * chunk).sum(dim=-1)
+        probs = torch.softmax(chunk, dim=-1)
+        # p * x is 0 * -inf = NaN at masked (-inf) logits; those tokens contribute 0 to the entropy.
+        entropy[start : start + chunk_size] = lse - torch.where(probs > 0, probs * chunk, 0.0).sum(dim=-1)
         values, ids[start : start + chunk_size] = chunk.topk(k, dim=-1)
         top1[start : start + chunk_size] = (values[:, 0] - lse).exp()
     shape = logits.shape[:-1]
@@ -165,6 +173,8 @@ def topk_and_entropy(
 def entropy_gate(entropy: torch.Tensor, action_mask: torch.Tensor, tau: float) -> torch.Tensor:
     """w_t = 1 where entropy_t > the tau-quantile (linear interpolation) of the same response's
     action-token entropies, else 0; (B, T) float. A response without action tokens gates nothing."""
+    if not 0 <= tau < 1:  # also rejects NaN
+        raise ValueError(f"tau must be in [0, 1), got {tau}; tau = 1 gates no token and turns SimKO off")
     gate = torch.zeros_like(entropy, dtype=torch.float32)
     mask = action_mask.bool()
     for row in range(entropy.shape[0]):

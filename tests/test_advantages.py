@@ -119,6 +119,16 @@ def test_grpo_and_passk_full_equal_their_definitions(binary: bool) -> None:
         assert close(adv.compute("passk_full", r, k=k), expected), (n, k)
 
 
+def test_grpo_on_nearly_tied_rewards_is_exact() -> None:
+    # Rewards one ulp apart: the exact standardisation of (0, 1, 0, 0) is (-1/sqrt3, sqrt3, ...),
+    # whatever the scale; a single rounded mean subtraction loses it (and the zero sum).
+    r = torch.tensor([[1.0, 1.0 + 2**-52, 1.0, 1.0]], dtype=torch.float64)
+    low = -1 / math.sqrt(3)
+    expected = torch.tensor([[low, math.sqrt(3), low, low]], dtype=torch.float64)
+    assert close(adv.compute("grpo", r), expected, 1e-12)
+    assert close(adv.compute("passk", r, k=1), expected, 1e-12)
+
+
 def test_combination_and_exceed_equal_brute_force() -> None:
     for n, k in CASES:
         r = random_groups(n, seed=7 * n + k, binary=True)

@@ -40,7 +40,6 @@ def test_passk_is_zero_sum_and_k1_is_grpo(case) -> None:
     assert torch.isfinite(a).all()
     assert (a.sum(dim=1).abs() <= 1e-9 * (1 + a.abs().sum(dim=1))).all()
     assert close(adv.compute("passk", r, k=1), adv.compute("grpo", r))
-    assert close(adv.compute("passk_full", r, k=1), adv.compute("grpo", r))
 
 
 @SETTINGS

@@ -173,6 +173,35 @@ def test_apply_simko_rejects_bad_inputs():
         apply_simko(log_probs, adv, cand, gate[:, :-1], top1, correct)
     with pytest.raises(ValueError, match="correct must have shape"):
         apply_simko(log_probs, adv, cand, gate, top1, correct[:-1])
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="alpha"):
+            apply_simko(log_probs, adv, cand, gate, top1, correct, alpha=bad)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="lam"):
+            apply_simko(log_probs, adv, cand, gate, top1, correct, lam=bad)
+    for bad in (1.0, -0.1, float("nan")):  # tau = 1 would gate nothing: SimKO silently off
+        with pytest.raises(ValueError, match="tau"):
+            entropy_gate(torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool), bad)
+
+
+def test_lambda_scales_only_negative_advantages_of_wrong_responses():
+    # Two wrong responses, every token gated and sampled == old top-1. Estimators such as passk_full
+    # can give a wrong response a positive advantage: lambda strengthens penalties, never rewards.
+    adv = torch.tensor([[-1.0, -0.5], [1.0, 0.25]])
+    lp = torch.zeros(2, 2)
+    ones = torch.ones(2, 2)
+    _, scaled = apply_simko(
+        lp, adv, torch.zeros(2, 2, 3), ones, ones, torch.tensor([False, False]), alpha=0.01, lam=1.5
+    )
+    assert torch.equal(scaled, torch.tensor([[-1.5, -0.75], [1.0, 0.25]]))
+
+
+def test_entropy_ignores_masked_minus_inf_logits():
+    # Logits (0, 1, -inf): the -inf token has p = 0 and adds nothing; H of softmax(0, 1) by hand.
+    p1 = math.exp(1) / (1 + math.exp(1))
+    expected = -(p1 * math.log(p1) + (1 - p1) * math.log(1 - p1))
+    _, ent, _ = topk_and_entropy(torch.tensor([[0.0, 1.0, float("-inf")]]), 2)
+    assert ent.item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_entropy_gate_quantile_per_response():
