@@ -54,10 +54,25 @@ def _selected(name: str, argv: list[str]) -> bool:
     return positional[: len(words)] == words
 
 
+# Optional dependencies -> the extra that brings them (the core install is only torch + tqdm).
+EXTRAS = {"fastapi": "server", "uvicorn": "server", "pydantic": "server", "matplotlib": "eval", "transformers": "eval"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"openrlhf-passk {args.command}: error: this command needs {exc.name}, part of the '{extra}' extra: "
+            f"pip install 'openrlhf-passk[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

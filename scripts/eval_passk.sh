@@ -7,7 +7,7 @@
 #   scripts/eval_passk.sh compare runs/passk-maze/eval/passk.json runs/grpo-maze/eval/passk.json
 #   DRY_RUN=1 scripts/eval_passk.sh runs/passk-maze/model       # print the command only
 #
-# Environment: DATA=data/maze/test.jsonl  N=32  K="1 2 4 8 16 32"  MAX_NEW_TOKENS=4096  TEMPERATURE=1.0
+# Environment: DATA=data/maze/test.jsonl  N=32  K="1 8 32" (default: 1, 2, 4, ... up to n)  MAX_NEW_TOKENS=4096  TEMPERATURE=1.0
 #   MODE=strict (or reference: the public verifier's rules)  BACKEND=auto  CHAT_TEMPLATE=1  SEED=0
 #   OUT_DIR=<model dir>/../eval (compare: runs/compare)  NAME=<run name for the legend>
 set -euo pipefail
@@ -34,9 +34,9 @@ fi
 target=$1
 MODE=${MODE:-strict}
 [[ $MODE == strict || $MODE == reference ]] || die "MODE must be strict or reference, got '$MODE'"
-K=${K:-1 2 4 8 16 32}
+# Without K, eval reports k = 1, 2, 4, ... up to each maze's number of samples.
+K=${K:-}
 read -r -a k_list <<<"$K"
-[[ ${#k_list[@]} -ge 1 ]] || die "K must list at least one k, like K=\"1 8\""
 for k in "${k_list[@]}"; do
     [[ $k =~ ^[1-9][0-9]*$ ]] || die "K: every k must be a positive integer, got '$k'"
 done
@@ -73,5 +73,8 @@ else
     fi
 fi
 NAME=${NAME:-$(basename "$(dirname "$target")")}
-cmd+=(--mode "$MODE" --k "${k_list[@]}" --name "$NAME" --out "$OUT_DIR")
+cmd+=(--mode "$MODE" --name "$NAME" --out "$OUT_DIR")
+if ((${#k_list[@]})); then
+    cmd+=(--k "${k_list[@]}")
+fi
 run_or_print "${cmd[@]}"

@@ -144,6 +144,11 @@ def _mission_flags(url: str) -> list[str]:
     return [*mission, "--remote_rm_url", url, *flags]
 
 
+def _without(flags: list[str], flag: str) -> list[str]:
+    i = flags.index(flag)
+    return flags[:i] + flags[i + 2 :]
+
+
 CLI = [sys.executable, "-m", upstream.CLI_MODULE]
 RUNS = {
     "help": (CLI + ["--help"], {}),
@@ -176,6 +181,11 @@ RUNS = {
     "mission_dry_run": (CLI + _mission_flags(DOWN_URL), {"OPENRLHF_PASSK_DRY_RUN": "1"}),
     # A real run stops before Ray when the reward server never answers /health.
     "reward_down": (CLI + _mission_flags(DOWN_URL) + ["--passk_reward_wait", "1"], {}),
+    # No policy model: upstream would only fail once Ray and the GPUs are up; the dry run must refuse it.
+    "no_model": (
+        CLI + _without(_flags(), LAYOUT.model_flag) + ["--advantage_estimator", "passk", "--passk_k", "8"],
+        {"OPENRLHF_PASSK_DRY_RUN": "1"},
+    ),
 }
 
 
@@ -249,6 +259,12 @@ def test_mission_command_dry_run_notes_unreachable_reward_server(cli_runs):
     [entry] = report["reward"]
     assert entry["source"] == redacted and "is not reachable" in entry["health"]
     assert any(f"reward server {redacted} is not reachable" in w for w in report["warnings"])
+
+
+def test_dry_run_requires_a_model(cli_runs):
+    run = cli_runs["no_model"]
+    assert run.returncode == 2, run.stdout[-2000:]
+    assert f"{LAYOUT.model_flag} is required" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_reward_server_down_stops_before_ray(cli_runs):

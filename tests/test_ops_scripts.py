@@ -162,7 +162,10 @@ def test_eval_script_commands_parse_with_the_eval_cli(data_dir, tmp_path):
         args = cli.build_parser(argv[1:]).parse_args(argv[1:])  # the eval CLI's own parser accepts it
         assert args.out is not None
     args = cli.build_parser(["eval"]).parse_args(shlex.split(model.stdout.splitlines()[0][2:])[1:])
-    assert args.n == 32 and args.k == [1, 2, 4, 8, 16, 32] and args.apply_chat_template
+    # No K: eval itself picks k = 1, 2, 4, ... up to n (so a samples file with few responses still works).
+    assert args.n == 32 and args.k is None and args.apply_chat_template
+    rescore_args = cli.build_parser(["eval"]).parse_args(shlex.split(rescore.stdout.splitlines()[0][2:])[1:])
+    assert rescore_args.k == [1, 2]
     assert str(args.out) == str(tmp_path / "run" / "eval")
 
 

@@ -291,6 +291,9 @@ def parse_training_args(parser, original_parse, layout: upstream.Layout, args=No
     dry_run = os.environ.get(DRY_RUN_ENV, "").strip() not in ("", "0")
     reward_value = upstream.arg(ns, layout.reward_dest)
     try:
+        # OpenRLHF itself only fails on a missing model once Ray and the GPUs are up.
+        if not upstream.arg(ns, layout.model_dest):
+            raise ValueError(f"{layout.model_flag} is required: the policy model to train (a local path or a hub id)")
         summary, warnings = validate(ns, layout)
         simko.validate(ns)
         if ns.passk_reward_wait < 0:

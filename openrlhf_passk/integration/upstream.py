@@ -116,6 +116,8 @@ class Layout:
     n_samples_flag: str
     reward_dest: str
     reward_flag: str
+    model_dest: str
+    model_flag: str
     builtin_estimators: tuple[str, ...]
     # (alias, upstream flag): extra spellings we accept. On 0.11 the mission's 0.9-style command
     # (--advantage_estimator, --n_samples_per_prompt, --remote_rm_url) then runs verbatim.
@@ -130,6 +132,8 @@ LAYOUTS: dict[str, Layout] = {
         n_samples_flag="--rollout.n_samples_per_prompt",
         reward_dest="reward.remote_url",
         reward_flag="--reward.remote_url",
+        model_dest="actor.model_name_or_path",
+        model_flag="--actor.model_name_or_path",
         builtin_estimators=(
             "gae",
             "reinforce",
@@ -152,6 +156,8 @@ LAYOUTS: dict[str, Layout] = {
         n_samples_flag="--n_samples_per_prompt",
         reward_dest="remote_rm_url",
         reward_flag="--remote_rm_url",
+        model_dest="pretrain",
+        model_flag="--pretrain",
         builtin_estimators=("gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo"),
     ),
 }
