@@ -29,12 +29,8 @@ def cells(grid):
     return {(r, c): ch for r, row in enumerate(rows) for c, ch in enumerate(row)}
 
 
-def brute_force(grid):
-    """(shortest length, number of shortest paths) by BFS for the length, then enumerating every
-    wall-free walk of that length (exponential, so small mazes only)."""
-    g = cells(grid)
-    start = next(p for p, ch in g.items() if ch == "S")
-    end = next(p for p, ch in g.items() if ch == "E")
+def bfs_distances(g, start):
+    """Steps from `start` to every reachable open cell of the cell map `g`."""
     dist, queue = {start: 0}, deque([start])
     while queue:
         r, c = queue.popleft()
@@ -42,7 +38,16 @@ def brute_force(grid):
             if g.get(nxt, "*") != "*" and nxt not in dist:
                 dist[nxt] = dist[(r, c)] + 1
                 queue.append(nxt)
-    d = dist[end]
+    return dist
+
+
+def brute_force(grid):
+    """(shortest length, number of shortest paths) by BFS for the length, then enumerating every
+    wall-free walk of that length (exponential, so small mazes only)."""
+    g = cells(grid)
+    start = next(p for p, ch in g.items() if ch == "S")
+    end = next(p for p, ch in g.items() if ch == "E")
+    d = bfs_distances(g, start)[end]
 
     def walks(pos, left):  # every wall-free walk of `left` more moves, ending on E
         if left == 0:
@@ -144,14 +149,7 @@ def test_end_is_far_from_start():
     # E is at least half as far from S as the farthest cell (see the module doc).
     for seed in range(10):
         m = generate(13, seed)
-        g = cells(m.grid)
-        dist, queue = {m.start: 0}, deque([m.start])
-        while queue:
-            r, c = queue.popleft()
-            for nxt in ((r, c - 1), (r, c + 1), (r - 1, c), (r + 1, c)):
-                if g.get(nxt, "*") != "*" and nxt not in dist:
-                    dist[nxt] = dist[(r, c)] + 1
-                    queue.append(nxt)
+        dist = bfs_distances(cells(m.grid), m.start)
         far = max(d for (r, c), d in dist.items() if r % 2 and c % 2)
         assert 2 * dist[m.end] >= far
 
