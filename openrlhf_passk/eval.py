@@ -31,8 +31,14 @@ PassAtK = dict[int, float]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "--samples rows, either one per maze or one per response (grouped by id, else by label):\n"
+        '  {"label": "<grid>", "size": 9, "responses": ["...", "..."]}\n'
+        '  {"id": "maze-17", "label": "<grid>", "response": "..."}'
+    )
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--samples", type=Path, help="JSONL of sampled responses (schema: openrlhf-passk eval -h)")
+    src.add_argument("--samples", type=Path, help="JSONL of sampled responses (row formats below)")
     src.add_argument("--model", help="HF model path (or hub name already in the local cache) to sample from")
     src.add_argument("--compare", type=Path, nargs="+", metavar="JSON", help="passk.json files to overlay")
     parser.add_argument("--data", type=Path, help="with --model: maze JSONL (prompt, label) to evaluate on")
