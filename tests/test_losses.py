@@ -240,6 +240,25 @@ def test_topk_and_entropy_chunks_match_full_computation():
     torch.testing.assert_close(top1.double(), probs.max(-1).values, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("vocab", [1024, 1000, 48])  # blocks of 256 ids; none (plain topk); blocks of 16
+def test_topk_and_entropy_block_search_matches_brute_force(vocab):
+    """The block-maxima top-k search gives torch.topk's ids, also when the top entries share a block,
+    and the entropy stays exact next to masked (-inf) logits."""
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(3, 7, vocab, generator=g) * 4
+    logits[0, 0, 100 % vocab : 100 % vocab + 3] = 30.0 + torch.arange(3.0)  # top 3 in one block
+    logits[1, 2, ::2] = float("-inf")  # half the vocabulary masked
+    logits[2, 3, 5] = 50.0  # one dominant token: entropy ~ 0
+    ids, ent, top1 = topk_and_entropy(logits, 3, chunk_size=4)
+    assert torch.equal(ids, logits.topk(3, dim=-1).indices)
+    x = logits.double()
+    probs = torch.softmax(x, dim=-1)
+    expected = -torch.where(probs > 0, probs * torch.log_softmax(x, -1), 0.0).sum(-1)
+    torch.testing.assert_close(ent.double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(top1.double(), probs.max(-1).values, rtol=1e-5, atol=1e-6)
+    assert ent.isfinite().all()
+
+
 def test_candidate_log_probs_equal_log_softmax_gather_with_gradients():
     g = torch.Generator().manual_seed(6)
     logits = (torch.randn(2, 4, 9, generator=g) * 2).requires_grad_()
@@ -256,3 +275,53 @@ def test_candidate_log_probs_equal_log_softmax_gather_with_gradients():
     (exp_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(got_grad, exp_grad)
+
+
+def test_sparse_grad_gather_on_a_view_falls_back_to_a_dense_gradient():
+    """A slice of the logits (a view) cannot take a sparse gradient; the gather must still be exact."""
+    g = torch.Generator().manual_seed(7)
+    full = torch.randn(2, 6, 9, generator=g).requires_grad_()
+    index = torch.randint(0, 9, (2, 4, 3), generator=g)
+    index[..., 1] = index[..., 0]  # duplicate ids in one row: their gradients must add up
+    weights = torch.randn(2, 4, 3, generator=g)
+    for x in (full[:, 2:], full[:, 2:].float()):  # both views of `full` (.float() of fp32 is a no-op)
+        assert x._is_view()
+        (got,) = torch.autograd.grad((SparseGradGather.apply(x, index) * weights).sum(), full)
+        (expected,) = torch.autograd.grad((x.gather(-1, index) * weights).sum(), full)
+        assert not got.is_sparse
+        torch.testing.assert_close(got, expected)
+    (sparse,) = torch.autograd.grad((SparseGradGather.apply(full, index[:, :1]) * weights[:, :1]).sum(), full)
+    (dense,) = torch.autograd.grad((full.gather(-1, index[:, :1]) * weights[:, :1]).sum(), full)
+    torch.testing.assert_close(sparse.to_dense(), dense)
+
+
+@pytest.mark.gpu
+def test_simko_path_on_cuda_matches_cpu():
+    """The whole SimKO training path (top-K/entropy, gate, sparse gather, candidate log-probs, loss) on
+    CUDA gives the CPU's values and logits gradient (skipped without CUDA)."""
+    g = torch.Generator().manual_seed(8)
+    b, t, v, k = 3, 40, 50_000, 3
+    logits = torch.randn(b, t, v, generator=g) * 2
+    labels = torch.randint(0, v, (b, t), generator=g)
+    old = -torch.rand(b, t, generator=g) * 5
+    adv = torch.tensor([[1.0], [-1.0], [-0.5]]).expand(b, t)
+    mask = torch.ones(b, t)
+
+    def run(device: str):
+        x = logits.to(device, copy=True).requires_grad_()  # a fresh leaf per device
+        ids, entropy, top1 = topk_and_entropy(x.detach(), k, chunk_size=16)
+        gate = entropy_gate(entropy, mask.to(device), 0.5)
+        label_lp = x.gather(-1, labels.to(device).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, -1)
+        gathered = SparseGradGather.apply(x, torch.cat([labels.to(device).unsqueeze(-1), ids], dim=-1))
+        cand = candidate_log_probs(gathered[..., 1:], gathered[..., 0], label_lp)
+        sampled_top1 = labels.to(device) == ids[..., 0]
+        correct = torch.tensor([True, False, False], device=device)
+        loss = policy_loss(label_lp, old.to(device), adv.to(device), mask.to(device), cand_log_probs=cand,
+                           gate=gate, sampled_is_top1=sampled_top1, correct=correct, alpha=0.5, lam=2.0)  # fmt: skip
+        loss.backward()
+        return [value.detach().cpu() for value in (ids, entropy, top1, gate, loss, x.grad.to_dense())]
+
+    cpu, cuda = run("cpu"), run("cuda")
+    assert torch.equal(cpu[0], cuda[0]) and torch.equal(cpu[3], cuda[3])  # same ids, same gate
+    for a, b_ in zip(cpu[1:3] + cpu[4:], cuda[1:3] + cuda[4:], strict=True):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-6)

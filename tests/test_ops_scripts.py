@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
-SHELL_SCRIPTS = sorted([*SCRIPTS.glob("*.sh"), *SCRIPTS.glob("lib/*.sh")])
+SHELL_SCRIPTS = sorted([*SCRIPTS.glob("*.sh"), *SCRIPTS.glob("lib/*.sh"), *(REPO / "benchmarks").glob("*.sh")])
 SHELLCHECK = Path(sys.executable).parent / "shellcheck"
 
 
