@@ -144,7 +144,7 @@ def main() -> None:
             if device == "cuda":
                 peaks[variant] = torch.cuda.max_memory_allocated()
 
-    hidden, layers, *_ = PRESETS[args.preset]
+    layers = PRESETS[args.preset][1]
     params = sum(p.numel() for p in model.parameters()) / 1e9
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(

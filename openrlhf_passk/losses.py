@@ -154,9 +154,9 @@ def topk_and_entropy(
     (...), and the top-1 probability (...). Chunks of `chunk_size` positions keep the extra memory at
     O(chunk_size * V) instead of O(T * V): two fp32 buffers (softmax, p * x), 0.6 GiB at V = 152k.
 
-    Three passes over a chunk: softmax, block maxima, p * x. The top-k entries lie in the k blocks
-    (of 2^j ids) with the largest maxima, so the top-k search runs over k blocks instead of V ids
-    (torch.topk over a 150k-wide row took 40% of this function on an H200), and lse = x_1 - log p_1."""
+    Per chunk: a softmax, block maxima and p * x. The top-k entries lie in the k blocks (of 2^j ids)
+    with the largest maxima, so the top-k search runs over k blocks instead of V ids (torch.topk over
+    150k-wide rows took over a third of this function on an H200), and lse = x_1 - log p_1."""
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     rows_total = flat.shape[0]
