@@ -18,7 +18,7 @@ part() {  # part NAME SECONDS CMD...: run CMD with a limit, log to $OUT/NAME.txt
     echo "== $name: $*"
     timeout "$limit" "$@" >"$OUT/$name.txt" 2>&1
     echo "== $name: exit $?"
-    grep -v -e 'pynvml' -e 'import pynvml' "$OUT/$name.txt" | tail -n 25
+    grep -v pynvml "$OUT/$name.txt" | tail -n 25
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

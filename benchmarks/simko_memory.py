@@ -33,10 +33,11 @@ from openrlhf_passk.losses import SparseGradGather, apply_simko, candidate_log_p
 VARIANTS = ("baseline", "gather", "expanded")
 
 
-def _label_log_probs(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def label_log_probs(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     # As openrlhf.models.utils.log_probs_from_logits (fp32 path): gathered logit - chunked logsumexp.
-    lse = torch.cat([torch.logsumexp(logits[i : i + chunk], dim=-1) for i in range(0, len(logits), chunk)])
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+    flat = logits.reshape(-1, logits.shape[-1])
+    lse = torch.cat([torch.logsumexp(flat[i : i + chunk], dim=-1) for i in range(0, len(flat), chunk)])
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse.view(labels.shape)
 
 
 def run_variant(variant: str, tokens: int, vocab: int, k: int, device: str) -> float:
@@ -56,7 +57,7 @@ def run_variant(variant: str, tokens: int, vocab: int, k: int, device: str) -> f
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
 
-    log_probs = _label_log_probs(logits[0], labels[0]).unsqueeze(0)
+    log_probs = label_log_probs(logits[0], labels[0]).unsqueeze(0)
     if variant == "baseline":
         loss = policy_loss(log_probs, old, adv, mask)
     else:

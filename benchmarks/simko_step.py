@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from simko_memory import label_log_probs  # beside this file
 
 from openrlhf_passk.losses import (
     SparseGradGather,
@@ -56,13 +57,6 @@ def build_model(preset: str, device: str) -> torch.nn.Module:
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     return model
-
-
-def label_log_probs(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    # As openrlhf.models.utils.log_probs_from_logits' torch path: gathered logit - chunked logsumexp.
-    flat = logits.reshape(-1, logits.shape[-1])
-    lse = torch.cat([torch.logsumexp(flat[i : i + chunk], dim=-1) for i in range(0, len(flat), chunk)])
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse.view(labels.shape)
 
 
 def main() -> None:
