@@ -31,4 +31,4 @@ test: lint
 # The integration tests again, against the second supported OpenRLHF release (its copy first on PYTHONPATH).
 test-openrlhf-old:
 	PYTHONPATH=$(abspath $(OPENRLHF_OLD_DIR)) $(PY) -m pytest -q tests/test_integration.py tests/test_integration_ray.py tests/test_integration_reward.py \
-		tests/test_simko_integration.py
+		tests/test_simko_integration.py tests/test_standins.py tests/test_upstream.py

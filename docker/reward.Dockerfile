@@ -1,6 +1,6 @@
 # Small CPU image for the maze reward server (FastAPI + uvicorn), and for the data-preparation Job.
 # Build from the repository root:
-#   docker build -f docker/reward.Dockerfile -t openrlhf-passk-reward:0.1.0 .
+#   docker build -f docker/reward.Dockerfile -t openrlhf-passk-reward:0.1.0 .   (or scripts/build_images.sh)
 # The verifier and the maze generator are pure Python: the package is installed without its torch
 # dependency (which would add gigabytes), and the build fails below if the server ever needs it.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -41,6 +41,13 @@ EXPOSE 5000
 # set REWARD_PORT to match.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/health' % os.environ['REWARD_PORT'], timeout=4)"]
+
+# Which release and commit this image is (scripts/build_images.sh passes both; also in the tag).
+ARG VERSION=0.1.0
+ARG VCS_REF=unknown
+LABEL org.opencontainers.image.title="openrlhf-passk-reward" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}"
 
 ENTRYPOINT ["openrlhf-passk", "serve-reward"]
 CMD ["--task", "maze", "--host", "0.0.0.0", "--port", "5000"]

@@ -6,6 +6,7 @@ with the dtype and device of `rewards`; the math runs in float64. Formulas and t
 
     from openrlhf_passk import advantages
     adv = advantages.compute("passk", rewards, k=4)
+    adv = advantages.compute("passk_adaptive", rewards, k=4, entropy=entropy_per_prompt, split=0.5)
 
     @advantages.register("my_estimator")
     def my_estimator(rewards, *, k): ...
@@ -18,6 +19,7 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable
+from fractions import Fraction
 
 import torch
 
@@ -56,26 +58,24 @@ def get(name: str) -> Callable[..., torch.Tensor]:
 def compute(name: str, rewards: torch.Tensor, **params) -> torch.Tensor:
     """Advantages of `rewards` (G, N) by the estimator `name`, with its keyword parameters checked first.
 
-    Unknown or missing parameters, a bad `k` and bad rewards raise ValueError before the estimator runs,
-    so users' estimators added with `register` get the same checks as the built-in ones.
+    Unknown or missing parameters, a bad `k` and bad rewards raise ValueError before anything is computed;
+    users' estimators added with `register` get the same checks as the built-in ones, once per call.
     """
     fn = get(name)
-    keywords = {
-        p.name: p
-        for p in list(inspect.signature(fn).parameters.values())[1:]
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    }
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    keywords, takes_any = _keywords(fn)
     unknown = sorted(set(params) - set(keywords))
     if unknown and not takes_any:
         raise ValueError(
             f"unknown parameter(s) {', '.join(unknown)} for advantage estimator {name!r}; "
             f"it accepts: {', '.join(keywords) or 'no parameters'}"
         )
-    missing = [p for p, spec in keywords.items() if spec.default is spec.empty and p not in params]
+    missing = [p for p, required in keywords.items() if required and p not in params]
     if missing:
         raise ValueError(f"advantage estimator {name!r} needs parameter(s): {', '.join(missing)}")
-    _check(rewards, params.get("k"))
+    # The estimators of this module validate their input themselves: checking here too would pass over
+    # the rewards twice, which costs more than the binary `passk` itself (ALGORITHMS.md section 6).
+    if getattr(fn, "__module__", None) != __name__:
+        _check(rewards, params.get("k"))
     out = fn(rewards, **params)
     if not isinstance(out, torch.Tensor) or out.shape != rewards.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -85,33 +85,26 @@ def compute(name: str, rewards: torch.Tensor, **params) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def _keywords(fn: Callable) -> tuple[dict[str, bool], bool]:
+    """({keyword parameter after rewards: required?}, takes **kwargs) of an estimator; cached per function."""
+    parameters = list(inspect.signature(fn).parameters.values())
+    keywords = {
+        p.name: p.default is p.empty for p in parameters[1:] if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+    return keywords, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def _check(rewards: torch.Tensor, k: int | None = None, *, binary: str = "") -> torch.Tensor:
     """Validate a (G, N) reward tensor (and k, if given); return it as float64.
 
     `binary` names an estimator that is only defined for 0/1 rewards.
     """
-    if not isinstance(rewards, torch.Tensor):
-        raise ValueError(f"rewards must be a torch.Tensor of shape (G, N), got {type(rewards).__name__}")
-    if rewards.dim() != 2 or rewards.shape[1] < 1:
-        raise ValueError(
-            f"rewards must have shape (G, N) = (prompts, rollouts per prompt) with N >= 1, got "
-            f"{tuple(rewards.shape)}; reshape flat rewards with rewards.view(-1, n_samples_per_prompt)"
-        )
-    if not rewards.is_floating_point():
-        raise ValueError(f"rewards must be a floating-point tensor, got {rewards.dtype}; use rewards.float()")
+    _check_shape(rewards, k)
     r = rewards.detach().to(torch.float64)
     if not torch.isfinite(r).all():
         g, i = (int(x) for x in (~torch.isfinite(r)).nonzero()[0])
         raise ValueError(f"rewards must be finite; rewards[{g}, {i}] = {r[g, i].item()} (NaN or inf)")
-    n = r.shape[1]
-    if k is not None:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-            raise ValueError(f"k must be an integer, got {k!r}")
-        if not 1 <= k <= n:
-            raise ValueError(
-                f"k must satisfy 1 <= k <= N, got k={k} with N={n} rollouts per prompt; "
-                "lower k or raise n_samples_per_prompt"
-            )
     if binary:
         not01 = (r != 0) & (r != 1)
         if not01.any():
@@ -121,6 +114,28 @@ def _check(rewards: torch.Tensor, k: int | None = None, *, binary: str = "") -> 
                 "use 'passk' or 'pkpo', which also take continuous rewards"
             )
     return r
+
+
+def _check_shape(rewards: torch.Tensor, k: int | None = None) -> None:
+    """The checks of `_check` that do not read the values: type, shape, dtype and k."""
+    if not isinstance(rewards, torch.Tensor):
+        raise ValueError(f"rewards must be a torch.Tensor of shape (G, N), got {type(rewards).__name__}")
+    if rewards.dim() != 2 or rewards.shape[1] < 1:
+        raise ValueError(
+            f"rewards must have shape (G, N) = (prompts, rollouts per prompt) with N >= 1, got "
+            f"{tuple(rewards.shape)}; reshape flat rewards with rewards.view(-1, n_samples_per_prompt)"
+        )
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a floating-point tensor, got {rewards.dtype}; use rewards.float()")
+    n = rewards.shape[1]
+    if k is not None:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise ValueError(f"k must be an integer, got {k!r}")
+        if not 1 <= k <= n:
+            raise ValueError(
+                f"k must satisfy 1 <= k <= N, got k={k} with N={n} rollouts per prompt; "
+                "lower k or raise n_samples_per_prompt"
+            )
 
 
 def _log_comb(n, r) -> torch.Tensor:
@@ -203,6 +218,14 @@ def _passk_binary_table(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a_pos, a_neg
 
 
+@functools.lru_cache(maxsize=256)
+def _passk_binary_table_as(
+    n: int, k: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_passk_binary_table` rounded once to the rewards' dtype and moved to their device."""
+    return tuple(t.to(device=device, dtype=dtype) for t in _passk_binary_table(n, k))
+
+
 @register("grpo")
 def grpo(rewards: torch.Tensor) -> torch.Tensor:
     """Pass@1 (GRPO): A_i = (r_i - mean(r)) / std(r), population std; 0 where std == 0.
@@ -223,14 +246,23 @@ def passk(rewards: torch.Tensor, *, k: int) -> torch.Tensor:
     Rbar = sum_j w_j r_j, sigma^2 = sum_j w_j (r_j - Rbar)^2, d_j = (r_j - Rbar)/sigma and
     A_p = (C(p-1,k-1) d_p + sum_{j>p} C(j-2,k-2) d_j) / C(N-1,k-1). Exact, O(N log N) per group.
     """
-    r = _check(rewards, k)
-    n = r.shape[1]
-    if ((r == 0) | (r == 1)).all():
-        # Binary fast path: the advantages depend only on (N, k, N_pos), so gather from a table.
-        a_pos, a_neg = (t.to(r.device) for t in _passk_binary_table(n, k))
-        n_pos = r.sum(dim=1).long()
-        return torch.where(r == 1, a_pos[n_pos].unsqueeze(1), a_neg[n_pos].unsqueeze(1)).to(rewards.dtype)
+    _check_shape(rewards, k)
+    r = rewards.detach()
+    # Binary fast path: one table gather per row (ALGORITHMS.md section 6). r (r - 1) is exactly 0 for
+    # r in {0, 1} and non-zero for any other float, NaN and inf included (it cannot underflow: |r - 1|
+    # >= 1/2 when r is tiny), so the sum of its absolute values is 0 only for 0/1 rewards. Float
+    # arithmetic costs far less here than comparisons with ==, which build bool tensors.
+    if not (r * (r - 1)).abs().sum():
+        a_pos, a_neg = _passk_binary_table_as(r.shape[1], k, r.dtype, r.device)
+        n_pos = r.sum(dim=1, dtype=torch.float64).long()
+        # Products with exact 0s and 1s select a_pos or a_neg without rounding.
+        return r * a_pos[n_pos].unsqueeze(1) + (1 - r) * a_neg[n_pos].unsqueeze(1)
+    return _passk_sorted(_check(rewards, k), k).to(rewards.dtype)
 
+
+def _passk_sorted(r: torch.Tensor, k: int) -> torch.Tensor:
+    """The general `passk` for checked float64 rewards (any values): the order-statistics formulas."""
+    n = r.shape[1]
     v, order = r.sort(dim=1)
     # Work in units of the group's range, measured down from its top value: then top - Rbar is a sum of
     # non-negative terms and stays accurate when sigma is tiny. The advantage is shift/scale-free.
@@ -245,7 +277,7 @@ def passk(rewards: torch.Tensor, *, k: int) -> torch.Tensor:
     constant = (v[:, k - 1 : k] == v[:, -1:]) | (sigma == 0)
     adv = _contains_max_mean(dev / torch.where(constant, 1.0, sigma), k)
     adv = torch.where(constant, 0.0, adv)
-    return torch.empty_like(adv).scatter_(1, order, adv).to(rewards.dtype)
+    return torch.empty_like(adv).scatter_(1, order, adv)
 
 
 @register("passk_full")
@@ -387,6 +419,50 @@ def passk_exceed(
     else:
         raise ValueError(f"f must be 'linear' or a callable f(n_pos, N), got {f!r}")
     return (weight[r.sum(dim=1).long()].unsqueeze(1) * passk(r, k=k)).to(rewards.dtype)
+
+
+@register("passk_adaptive")
+def passk_adaptive(rewards: torch.Tensor, *, k: int, entropy: torch.Tensor, split: float = 0.5) -> torch.Tensor:
+    """Adaptive (Chen et al. 2025, "implicit reward design"): entropy picks Pass@1 or Pass@k per prompt.
+
+    entropy: (G,), each prompt's mean response token entropy. Rank prompts by entropy, highest first,
+    ties by prompt index (lower index ranks higher); the top P = floor(G * split + 1/2) prompts (round
+    half up on split's decimal value, not Python's round-half-even: G=5, split=0.5 gives 3) get A_grpo,
+    the other G - P get A_passk. split=0 is `passk`, split=1 is `grpo`, exactly.
+    """
+    r = _check(rewards, k)
+    g = r.shape[0]
+    if not isinstance(entropy, torch.Tensor) or entropy.shape != (g,) or not entropy.is_floating_point():
+        got = (
+            f"{entropy.dtype} tensor of shape {tuple(entropy.shape)}"
+            if isinstance(entropy, torch.Tensor)
+            else type(entropy).__name__
+        )
+        raise ValueError(
+            f"passk_adaptive: entropy must be a floating-point tensor of shape (G,) = ({g},), one mean "
+            f"response token entropy per prompt in the rewards' row order, got {got}; average per-token "
+            "entropies over each prompt's responses (e.g. entropy.view(G, N).mean(dim=1))"
+        )
+    ent = entropy.detach().to(device=r.device, dtype=torch.float64)
+    if not torch.isfinite(ent).all():
+        i = int((~torch.isfinite(ent)).nonzero()[0])
+        raise ValueError(
+            f"passk_adaptive: entropy must be finite; entropy[{i}] = {ent[i].item()}; check the rollout's "
+            "entropy capture (masked or empty responses give NaN means)"
+        )
+    if isinstance(split, bool) or not isinstance(split, numbers.Real) or not 0 <= split <= 1:
+        raise ValueError(
+            f"passk_adaptive: split must be a number in [0, 1] (the share of prompts, by highest entropy, "
+            f"that get the Pass@1 advantage), got {split!r}"
+        )
+    # Round half up on the decimal value the user wrote (0.7 is 7/10): in floats 45 * 0.7 is
+    # 31.499999999999996 and would round down, where 31.5 rounds up.
+    n_pass1 = math.floor(g * Fraction(str(split)) + Fraction(1, 2))
+    # A stable descending sort keeps equal entropies in index order: the lower index ranks higher.
+    order = torch.sort(ent, descending=True, stable=True).indices
+    pass1 = torch.zeros(g, dtype=torch.bool, device=r.device)
+    pass1[order[:n_pass1]] = True
+    return torch.where(pass1.unsqueeze(1), grpo(r), passk(r, k=k)).to(rewards.dtype)
 
 
 def k_schedule(

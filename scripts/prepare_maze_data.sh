@@ -6,9 +6,13 @@
 #
 # Environment (defaults = the paper's split: 10,000 mazes per train size 9-15, 100 per test size 7-21):
 #   OUT_DIR=data/maze  SIZES=9,11,13,15  TEST_SIZES=7,9,11,13,15,17,19,21  N_TRAIN=10000  N_TEST=100  SEED=0
-#   FORCE=1   regenerate even if both files already exist (otherwise an existing set is kept, so a
-#             restarted Kubernetes Job does not rewrite data under a running training job)
+#   FORCE=1   regenerate even if the set on disk was made with the same parameters
 #   DRY_RUN=1 print the command and exit
+#
+# $OUT_DIR/.done is written LAST and holds the parameters: a set is reused only when .done matches the
+# current parameters (otherwise it is regenerated, stale or half-written), and readers such as the
+# RayJob's init container wait for .done, not for the data files, so they never read a partial set.
+# The files are generated in $OUT_DIR/.partial and moved into place, so a reader never sees half a file.
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -33,20 +37,33 @@ need_int N_TEST 0
 need_int SEED 0
 [[ -n $OUT_DIR ]] || die "OUT_DIR must not be empty"
 
-if [[ ${FORCE:-0} != 1 && -s $OUT_DIR/train.jsonl && -s $OUT_DIR/test.jsonl ]]; then
-    echo "data already present in $OUT_DIR (train.jsonl, test.jsonl); set FORCE=1 to regenerate"
+stamp="sizes=$SIZES test_sizes=$TEST_SIZES n_train=$N_TRAIN n_test=$N_TEST seed=$SEED format=1"
+if [[ ${FORCE:-0} != 1 && -f $OUT_DIR/.done && $(<"$OUT_DIR/.done") == "$stamp" ]]; then
+    echo "data in $OUT_DIR already made with these parameters ($stamp); set FORCE=1 to regenerate"
     exit 0
 fi
+if [[ -f $OUT_DIR/.done ]]; then
+    echo "regenerating $OUT_DIR: made with '$(<"$OUT_DIR/.done")', asked for '$stamp'"
+fi
 
+partial=$OUT_DIR/.partial
 if [[ ${DRY_RUN:-0} != 1 ]]; then
     command -v "$PASSK_CLI" >/dev/null || die "'$PASSK_CLI' not found: pip install -e . (or set PASSK_CLI)"
-    mkdir -p "$OUT_DIR"
+    rm -f "$OUT_DIR/.done"
+    rm -rf "$partial"
+    mkdir -p "$partial"
 fi
 cmd=("$PASSK_CLI" maze generate --sizes "$SIZES" --test-sizes "$TEST_SIZES" --train "$N_TRAIN" --test "$N_TEST"
-    --seed "$SEED" --out "$OUT_DIR")
+    --seed "$SEED" --out "$partial")
 # A progress bar only helps on a terminal; in Job logs it is noise.
 [[ -t 2 ]] || cmd+=(--no-progress)
 run_or_print "${cmd[@]}"
 if [[ ${DRY_RUN:-0} != 1 ]]; then
+    for name in train.jsonl test.jsonl; do
+        [[ -f $partial/$name ]] || die "the generator wrote no $name into $partial"
+        mv -f "$partial/$name" "$OUT_DIR/$name"
+    done
+    rmdir "$partial"
+    echo "$stamp" >"$OUT_DIR/.done.tmp" && mv -f "$OUT_DIR/.done.tmp" "$OUT_DIR/.done"
     echo "wrote $(wc -l <"$OUT_DIR/train.jsonl") train and $(wc -l <"$OUT_DIR/test.jsonl") test rows to $OUT_DIR"
 fi

@@ -5,11 +5,13 @@
 #   NUM_NODES=2 RAY_ADDRESS=... scripts/submit_rayjob.sh passk          # 2 nodes x 8 GPUs
 #   DRY_RUN=1 scripts/submit_rayjob.sh passk                            # print the command only
 #
-# The job runs on the cluster, so DATA_DIR, OUTPUT_ROOT and REWARD_URL must be valid there. The
-# defaults match our training image and the k8s/ layout (shared volume at /mnt/shared); they are
-# not checked on this machine. Same recipe variables as train_passk_maze.sh, plus:
+# The command is the one the RayJob in k8s/ runs for the same size: same run name (passk-maze-2x8, so
+# both resume the same checkpoints), scored by the reward server. DATA_DIR, OUTPUT_ROOT and REWARD_URL
+# must be valid on the cluster; the defaults are the k8s/ layout (shared volume at /mnt/shared, Service
+# passk-reward) and are not checked here. Same recipe variables as train_passk_maze.sh, plus:
 #   RAY_ADDRESS=http://127.0.0.1:8265  SUBMISSION_ID=<RUN_NAME>-<UTC time>  WAIT=0 (1: follow logs)
-#   RUNTIME_ENV_JSON='{"env_vars": {...}}' (optional)
+#   RUNTIME_ENV_JSON='{"env_vars": {...}}' (optional; no secrets: Ray stores and shows it)
+# The reward token and WANDB_API_KEY are read from the Ray nodes' environment, never put in the command.
 set -euo pipefail
 here=$(dirname "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/lib/common.sh
@@ -21,6 +23,8 @@ recipe=${1:-passk}
 case $recipe in
 passk) ESTIMATOR=${ESTIMATOR:-passk} ;;
 grpo)
+    [[ ${ESTIMATOR:-group_norm} == group_norm ]] ||
+        die "submit_rayjob.sh grpo always uses ESTIMATOR=group_norm; use 'passk' for '$ESTIMATOR'"
     ESTIMATOR=group_norm
     RUN_NAME=${RUN_NAME:-grpo-maze}
     ;;
@@ -29,8 +33,9 @@ esac
 CHECK_LOCAL_PATHS=0
 DATA_DIR=${DATA_DIR:-/mnt/shared/data/maze}
 OUTPUT_ROOT=${OUTPUT_ROOT:-/mnt/shared/runs}
-REWARD_URL=${REWARD_URL:-/opt/openrlhf-passk/openrlhf_passk/rewards/maze.py}
+REWARD_URL=${REWARD_URL:-http://passk-reward:5000/get_reward}
 build_maze_recipe
+need_shell_safe "the training command" "${TRAIN_CMD[@]}"
 
 RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
 [[ $RAY_ADDRESS =~ ^https?://[^/]+ ]] || die "RAY_ADDRESS must be the dashboard URL like http://<head>:8265, got '$RAY_ADDRESS'"

@@ -14,5 +14,5 @@ source "$here/lib/maze_recipe.sh"
 [[ ${ESTIMATOR:-group_norm} == group_norm ]] ||
     die "train_grpo_maze.sh always uses ESTIMATOR=group_norm; use train_passk_maze.sh for '$ESTIMATOR'"
 ESTIMATOR=group_norm
-RUN_NAME=${RUN_NAME:-grpo-maze}
+RUN_NAME=${RUN_NAME:-grpo-maze}  # the recipe appends the cluster size (-NxG)
 run_maze_training

@@ -7,7 +7,9 @@
 #
 # Paper defaults: N_SAMPLES=32 PASSK_K=8 LR=1e-6 CLIP_LOW=0.2 CLIP_HIGH=0.28, no KL.
 # ESTIMATOR=passk (analytic); passk_full, passk_bootstrap, pkpo, ... also work. All variables are
-# listed in scripts/lib/maze_recipe.sh. Rerunning the same RUN_NAME resumes from its last checkpoint.
+# listed in scripts/lib/maze_recipe.sh. RUN_NAME (default passk-maze) always ends in the cluster size
+# (passk-maze-1x8); rerunning it at the same size resumes from its last checkpoint.
+# On a Ray cluster started by hand: RAY_ADDRESS=<head-ip>:6379 NUM_NODES=2 scripts/train_passk_maze.sh
 set -euo pipefail
 here=$(dirname "${BASH_SOURCE[0]}")
 # shellcheck source=scripts/lib/common.sh

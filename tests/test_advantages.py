@@ -3,15 +3,19 @@ integer closed forms at N = 4096, and bad-input errors."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
-from decimal import Decimal, localcontext
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
 
 from openrlhf_passk import advantages as adv
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -140,6 +144,61 @@ def test_combination_and_exceed_equal_brute_force() -> None:
         assert close(squared, (1 - share) ** 2 * a_passk)
 
 
+def bf_adaptive(r: torch.Tensor, k: int, entropy: list[float], split: float) -> torch.Tensor:
+    """Issue 17 written out: rank by (entropy desc, index asc); the first floor(G*split + 1/2) rows are
+    Pass@1, computed row by row from the brute-force definitions (decimal arithmetic for the rounding)."""
+    g = r.shape[0]
+    ranking = sorted(range(g), key=lambda i: (-entropy[i], i))
+    top = set(ranking[: int((g * Decimal(repr(split))).to_integral_value(rounding=ROUND_HALF_UP))])
+    rows = [bf_grpo(r[i : i + 1]) if i in top else bf_passk(r[i : i + 1], k) for i in range(g)]
+    return torch.cat(rows).view(r.shape)
+
+
+def test_passk_adaptive_equals_per_prompt_brute_force() -> None:
+    gen = torch.Generator().manual_seed(17)
+    for trial in range(60):
+        n = int(torch.randint(1, 7, (1,), generator=gen))
+        k = int(torch.randint(1, n + 1, (1,), generator=gen))
+        r = random_groups(n, seed=trial, binary=trial % 2 == 0)
+        # Few distinct entropy values, so ties are common; half the trials use random float splits.
+        entropy = torch.randint(0, 3, (r.shape[0],), generator=gen).double() / 2
+        split = [0.0, 0.25, 0.5, 1.0][trial % 4] if trial % 3 else float(torch.rand(1, generator=gen))
+        got = adv.compute("passk_adaptive", r, k=k, entropy=entropy, split=split)
+        assert close(got, bf_adaptive(r, k, entropy.tolist(), split)), (trial, n, k, split)
+
+
+def test_passk_adaptive_split_ends_ties_and_half_up_rounding() -> None:
+    r = torch.cat([random_groups(6, seed=3, binary=True), random_groups(6, seed=4, binary=False)])
+    entropy = torch.rand(r.shape[0], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(adv.compute("passk_adaptive", r, k=3, entropy=entropy, split=0.0), adv.passk(r, k=3))
+    assert torch.equal(adv.compute("passk_adaptive", r, k=3, entropy=entropy, split=1.0), adv.grpo(r))
+    assert adv.available().index("passk_adaptive") > adv.available().index("passk_exceed")
+
+    # Every row (one correct of 4) has different Pass@1 and Pass@2 advantages, so each row shows its arm.
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(5, 1)
+    pass1_row, passk_row = bf_grpo(r[:1]), bf_passk(r[:1].double(), 2)
+    assert not close(pass1_row, passk_row)
+
+    def pass1_prompts(entropy: list[float], split: float) -> set[int]:
+        out = adv.compute("passk_adaptive", r, k=2, entropy=torch.tensor(entropy), split=split)
+        return {i for i in range(5) if close(out[i : i + 1], pass1_row, 1e-6)}
+
+    # G*split = 2.5 -> 3 (half up; Python's round would give 2); the three tied 2.0s win by entropy.
+    assert pass1_prompts([1.0, 2.0, 2.0, 0.0, 2.0], 0.5) == {1, 2, 4}
+    # Two of the three tied top entropies: the lower indices.
+    assert pass1_prompts([1.0, 2.0, 2.0, 0.0, 2.0], 0.4) == {1, 2}
+    assert pass1_prompts([5.0, 5.0, 5.0, 5.0, 5.0], 0.3) == {0, 1}  # 1.5 -> 2
+    assert pass1_prompts([0.0, -1.0, 3.0, 3.0, 9.0], 0.1) == {4}  # 0.5 -> 1
+    assert pass1_prompts([0.0, -1.0, 3.0, 3.0, 9.0], 0.09) == set()  # 0.45 -> 0
+    # 45 * 0.7 is 31.499999999999996 in floats, 31.5 as written: the decimal value rounds, to 32.
+    rows = r[:1].repeat(45, 1)
+    out = adv.compute("passk_adaptive", rows, k=2, entropy=torch.arange(45.0), split=0.7)
+    assert 45 * 0.7 < 31.5 and (out == pass1_row.float()).all(dim=1).tolist() == [False] * 13 + [True] * 32
+    # The output keeps the rewards' dtype; entropy may have another float dtype.
+    out = adv.compute("passk_adaptive", r.bfloat16(), k=2, entropy=torch.ones(5, dtype=torch.float16))
+    assert out.dtype == torch.bfloat16
+
+
 def test_passk_binary_closed_form_and_k1_equals_grpo() -> None:
     """The ALGORITHMS.md 1(c) formulas with exact integer binomials, group by group."""
     for n, k in CASES:
@@ -158,6 +217,70 @@ def test_passk_binary_closed_form_and_k1_equals_grpo() -> None:
             assert out == pytest.approx([a_pos if x == 1 else a_neg for x in row], rel=1e-12, abs=1e-12)
         if k == 1:
             assert close(got, bf_grpo(r), 1e-12)
+
+
+def test_binary_table_path_equals_the_general_path() -> None:
+    """The cached (N, k) table gives what the order-statistics formulas give on the same 0/1 rewards."""
+    for n, k in CASES:
+        r = random_groups(n, seed=11 * n + k, binary=True)
+        assert close(adv.compute("passk", r, k=k), adv._passk_sorted(r, k), 1e-12), (n, k)
+    # Selecting from the table rounded to the rewards' dtype is exact: bit for bit the float64 result,
+    # rounded (N = 300 also checks the correct counts of bfloat16 rows, whose integers stop at 256).
+    r = torch.cat([random_groups(8, seed=5, binary=True), torch.ones(1, 8)])
+    wide = (torch.rand(4, 300, generator=torch.Generator().manual_seed(1)) < 0.9).double()
+    for rows, k in ((r, 3), (wide, 16)):
+        exact = adv.passk(rows, k=k)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            assert torch.equal(adv.compute("passk", rows.to(dtype), k=k), exact.to(dtype)), dtype
+    grad = r.float().requires_grad_()
+    assert torch.equal(adv.passk(grad, k=3), adv.passk(r, k=3).float())
+
+
+def test_only_exact_zeros_and_ones_take_the_table_path(monkeypatch) -> None:
+    real_table, real_sorted = adv._passk_binary_table_as, adv._passk_sorted
+    taken = []
+    monkeypatch.setattr(adv, "_passk_binary_table_as", lambda *a: taken.append("table") or real_table(*a))
+    monkeypatch.setattr(adv, "_passk_sorted", lambda *a: taken.append("sorted") or real_sorted(*a))
+    tiny32, below_one = 2.0**-149, 1 - 2.0**-24  # smallest float32 subnormal; largest float32 below 1
+    for value, dtype in [
+        (tiny32, torch.float32),
+        (below_one, torch.float32),
+        (1 + 2.0**-23, torch.float32),
+        (-1.0, torch.float32),
+        (2.0, torch.float32),
+        (0.5, torch.float64),
+        (2.0**-24, torch.float16),  # smallest float16 subnormal
+        (60000.0, torch.float16),  # r (r - 1) overflows to inf
+        (2.0**-133, torch.bfloat16),
+        (5e-324, torch.float64),
+    ]:
+        taken.clear()
+        row = torch.tensor([[1.0, value, 0.0, 0.0]], dtype=dtype)
+        assert row[0, 1].item() == value  # the value is representable, so it really is neither 0 nor 1
+        adv.compute("passk", row, k=2)
+        assert taken == ["sorted"], (value, dtype)
+    # r (r - 1) is +2 at r = 2 and -1/4 at r = 1/2: a plain sum would cancel to 0 on this row.
+    taken.clear()
+    adv.compute("passk", torch.tensor([[2.0] + [0.5] * 8 + [1.0, 0.0]]), k=2)
+    assert taken == ["sorted"]
+    taken.clear()
+    adv.compute("passk", torch.tensor([[1.0, -0.0, 0.0, 1.0]]), k=2)
+    assert taken == ["table"]
+
+
+def test_compute_is_not_slower_than_the_published_approach() -> None:
+    """A coarse guard (the benchmark measures the real ratio): >= 10x the numpy/scipy baseline at
+    G=1024, N=32, k=8, which is also an independent check of the values."""
+    pytest.importorskip("scipy")
+    spec = importlib.util.spec_from_file_location("bench_advantages", REPO / "benchmarks" / "advantages.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gen = torch.Generator().manual_seed(0)
+    rewards = (torch.rand(1024, 32, generator=gen) < torch.rand(1024, 1, generator=gen)).float()
+    base_time, base = bench.best_time(0.2, bench.baseline_passk, rewards, 8)
+    our_time, ours = bench.best_time(0.2, adv.compute, "passk", rewards, k=8)
+    assert close(ours, base, 1e-6)
+    assert our_time * 10 < base_time, (our_time, base_time)
 
 
 def test_pkpo_binary_special_cases() -> None:
@@ -374,6 +497,18 @@ GOOD = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
         ("pkpo", torch.ones(2, 1), {"k": 1}, r"baseline='loo-1' with k=1 .* needs k <= N-1; got N=1"),
         ("passk_exceed", GOOD, {"k": 1, "f": "cubic"}, r"f must be 'linear' or a callable"),
         ("passk_exceed", GOOD, {"k": 1, "f": lambda n_pos, n: n_pos}, r"f must map N_pos = 0..4 to 5 finite"),
+        ("passk_adaptive", GOOD, {"k": 2}, r"'passk_adaptive' needs parameter\(s\): entropy"),
+        ("passk_adaptive", GOOD, {"k": 2, "entropy": None}, r"entropy must be a .* shape \(G,\) = \(1,\).*NoneType"),
+        ("passk_adaptive", GOOD, {"k": 2, "entropy": torch.ones(1, 1)}, r"entropy must be .*shape \(1, 1\)"),
+        ("passk_adaptive", GOOD, {"k": 2, "entropy": torch.ones(2)}, r"entropy must be .*shape \(2,\)"),
+        ("passk_adaptive", GOOD, {"k": 2, "entropy": torch.ones(1, dtype=torch.long)}, r"entropy .*torch.int64"),
+        ("passk_adaptive", GOOD, {"k": 2, "entropy": torch.tensor([math.nan])}, r"entropy must be finite; .*= nan"),
+        ("passk_adaptive", GOOD, {"k": 2, "entropy": torch.ones(1), "split": 1.5}, r"split must be a number in \[0, 1"),
+        ("passk_adaptive", GOOD, {"k": 2, "entropy": torch.ones(1), "split": -0.1}, r"split must be .*-0.1"),
+        ("passk_adaptive", GOOD, {"k": 2, "entropy": torch.ones(1), "split": math.nan}, r"split must be .*nan"),
+        ("passk_adaptive", GOOD, {"k": 2, "entropy": torch.ones(1), "split": True}, r"split must be .*True"),
+        ("passk_adaptive", GOOD, {"k": 2, "entropy": torch.ones(1), "split": "half"}, r"split must be .*'half'"),
+        ("passk_adaptive", GOOD, {"k": 5, "entropy": torch.ones(1)}, r"k=5 with N=4"),
         ("passk", GOOD, {"k": 1, "kk": 2}, r"unknown parameter\(s\) kk for advantage estimator 'passk'"),
         ("grpo", GOOD, {"k": 2}, r"unknown parameter\(s\) k .*'grpo'; it accepts: no parameters"),
         ("passk", GOOD, {}, r"'passk' needs parameter\(s\): k"),
@@ -425,6 +560,11 @@ def test_cuda_matches_cpu() -> None:
     for name, params in [("grpo", {}), ("passk", {"k": 3}), ("pkpo", {"k": 3}), ("passk_full", {"k": 4})]:
         out = adv.compute(name, cpu.cuda(), **params)
         assert out.is_cuda and torch.allclose(out.cpu(), adv.compute(name, cpu, **params), atol=1e-6), name
+    entropy = torch.rand(cpu.shape[0], generator=torch.Generator().manual_seed(0))
+    adaptive = adv.compute("passk_adaptive", cpu.cuda(), k=3, entropy=entropy.cuda())
+    assert adaptive.is_cuda and torch.allclose(
+        adaptive.cpu(), adv.compute("passk_adaptive", cpu, k=3, entropy=entropy), atol=1e-6
+    )
     boot = adv.compute("passk_bootstrap", cpu.cuda(), k=3, seed=0)
     assert boot.is_cuda and torch.allclose(
         boot.cpu(), adv.compute("passk_bootstrap", cpu, k=3, seed=0), atol=1e-6

@@ -134,3 +134,25 @@ def test_k_schedule_is_monotone_and_bounded(total_steps, data) -> None:
     assert all(k_end <= k <= k_start for k in ks)
     assert all(b <= a for a, b in zip(ks, ks[1:], strict=False))
     assert ks[-1] == (k_start if kind == "constant" else k_end)
+
+
+
+@SETTINGS
+@given(groups(), st.lists(st.integers(0, 3), min_size=3, max_size=3), st.floats(0, 1), st.randoms())
+def test_passk_adaptive_rows_and_prompt_permutation(case, levels, split, rnd) -> None:
+    r, k = case
+    g = r.shape[0]
+    entropy = torch.tensor(levels[:g], dtype=torch.float64)
+    out = adv.compute("passk_adaptive", r, k=k, entropy=entropy, split=split)
+    a_grpo, a_passk = adv.grpo(r), adv.passk(r, k=k)
+    assert all(torch.equal(out[i], a_grpo[i]) or torch.equal(out[i], a_passk[i]) for i in range(g))
+    # Among rows whose two candidates differ, no Pass@k row has a higher entropy than a Pass@1 row.
+    pass1 = {i for i in range(g) if not torch.equal(a_grpo[i], a_passk[i]) and torch.equal(out[i], a_grpo[i])}
+    passk = {i for i in range(g) if not torch.equal(a_grpo[i], a_passk[i]) and torch.equal(out[i], a_passk[i])}
+    assert all(entropy[i] <= entropy[j] for i in passk for j in pass1)
+    # Permuting prompts with distinct entropies permutes the result.
+    if len(set(levels[:g])) == g:
+        perm = list(range(g))
+        rnd.shuffle(perm)
+        permuted = adv.compute("passk_adaptive", r[perm], k=k, entropy=entropy[perm], split=split)
+        assert torch.equal(permuted, out[perm])

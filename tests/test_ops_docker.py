@@ -87,7 +87,8 @@ def test_both_images_exist_and_are_hardened():
 def test_train_image_pins_match_openrlhf_metadata():
     """Versions come from the installed OpenRLHF wheel's own metadata, not from this repository."""
     args = arg_defaults(DOCKER / "train.Dockerfile")
-    assert args["BASE_IMAGE"].startswith("nvcr.io/nvidia/pytorch:")  # the image OpenRLHF's Dockerfile uses
+    # OpenRLHF's own base since June 2026: vLLM 0.22+ needs torch 2.11, which 25.11 lacks.
+    assert args["BASE_IMAGE"] == "nvcr.io/nvidia/pytorch:26.03-py3"
     assert args["OPENRLHF_VERSION"] == importlib.metadata.version("openrlhf") == "0.11.2"
     pins = {}
     for req in importlib.metadata.requires("openrlhf"):
@@ -99,9 +100,44 @@ def test_train_image_pins_match_openrlhf_metadata():
     assert args["FLASH_ATTN_VERSION"] == pins["flash-attn"]
     # ... and the pins are what pip installs, not only declared.
     runs = " ".join(rest for word, rest in instructions(DOCKER / "train.Dockerfile") if word == "RUN")
-    for spec in ("openrlhf[vllm]==${OPENRLHF_VERSION}", "deepspeed==${DEEPSPEED_VERSION}", "vllm==${VLLM_VERSION}"):
+    for spec in ("openrlhf==${OPENRLHF_VERSION}", "deepspeed==${DEEPSPEED_VERSION}", "vllm==${VLLM_VERSION}"):
         assert f'"{spec}"' in runs, spec
     assert '"flash-attn==${FLASH_ATTN_VERSION}"' in runs
+
+
+def test_train_image_builds_flash_attn_last_and_imports_its_extension():
+    """Upstream's order: everything that can move torch first, flash-attn last against the final torch,
+    then an import of its CUDA extension so an ABI break fails the build, not the first GPU step."""
+    runs = [rest for word, rest in instructions(DOCKER / "train.Dockerfile") if word == "RUN"]
+    uninstall = next(r for r in runs if r.startswith("pip uninstall"))
+    assert {"torchao", "flash_attn", "transformer_engine"} <= set(uninstall.split())
+    torch_movers = [i for i, r in enumerate(runs) if "vllm==" in r or "openrlhf==" in r or "deepspeed==" in r]
+    (flash,) = [i for i, r in enumerate(runs) if "flash-attn==" in r]
+    assert torch_movers and max(torch_movers) < flash
+    assert "--no-deps" in runs[flash]  # flash-attn must not pull in another torch
+    check = runs[flash][runs[flash].index("python -c") :]
+    assert "flash_attn_2_cuda" in check and "import torch" in check
+    assert all("flash-attn" not in r and "FLASH_ATTN" not in r for r in runs[flash + 1 :])
+
+
+def test_train_image_requirement_filter_drops_only_flash_attn():
+    """The Dockerfile's own snippet, run against the installed OpenRLHF 0.11.2 metadata: every
+    requirement (with the vllm extra) except flash-attn, so pip never builds flash-attn early."""
+    runs = " ".join(rest for word, rest in instructions(DOCKER / "train.Dockerfile") if word == "RUN")
+    snippet = re.search(r'python -c "(import importlib\.metadata.+?)" >', runs).group(1)
+    out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split()
+    names = {re.split(r"[\[=<>!~;]", line)[0].lower() for line in lines}
+    expected = set()
+    for req in importlib.metadata.requires("openrlhf"):
+        name, _, marker = req.partition(";")
+        if marker and 'extra == "vllm"' not in marker:
+            continue
+        expected.add(re.split(r"[\[=<>!~ ]", name.strip())[0].lower())
+    assert "flash-attn" in expected and "vllm" in expected
+    assert names == expected - {"flash-attn"}
+    assert "vllm==0.29.0" in lines and "ray[default]==2.55.0" in lines
 
 
 def test_train_image_healthcheck_checks_the_install(subprocess_env):
@@ -157,8 +193,43 @@ def test_compose_wiring(compose):
     script_text = "".join(p.read_text() for p in (REPO / "scripts").rglob("*.sh"))
     for service in ("trainer", "data"):
         for name in services[service]["environment"]:
-            if name not in ("USER", "HOME", "HF_TOKEN"):
+            if name not in ("USER", "HOME", "HF_TOKEN", "OPENRLHF_PASSK_REWARD_TOKEN"):  # read by Python
                 assert "${" + name in script_text, f"{service}: {name} is not read by any script"
+
+
+def recipe_variables() -> set[str]:
+    """Every variable the recipe reads with a default (`NAME=${NAME:-...}`), parsed from the script."""
+    text = (REPO / "scripts" / "lib" / "maze_recipe.sh").read_text()
+    return set(re.findall(r"^\s+([A-Z_]+)=\$\{\1:-", text, re.M))
+
+
+def test_compose_passes_every_recipe_variable(compose):
+    """The README promises that every recipe variable passes through (MAX_LEN among them: without it,
+    MAX_NEW_TOKENS >= 5120 is impossible); the paths compose sets and NUM_NODES (one machine) are fixed."""
+    env = compose["services"]["trainer"]["environment"]
+    fixed = {"DATA_DIR": "/data/maze", "OUTPUT_ROOT": "/runs", "REWARD_URL": "http://reward:5000/get_reward"}
+    variables = recipe_variables()
+    assert {"MAX_LEN", "MAX_NEW_TOKENS", "N_SAMPLES", "PASSK_K", "WANDB_PROJECT"} <= variables
+    for name in variables - {"PYTHON", "NUM_NODES"} - fixed.keys():
+        assert env.get(name) == "${" + name + ":-}", f"trainer does not pass {name} through"
+    assert {k: env[k] for k in fixed} == fixed
+    assert "NUM_NODES" not in env and env["EXTRA_ARGS"] == "${EXTRA_ARGS:-}"
+    # Secrets: no value, so compose passes them only when set in the shell (an empty token is an error).
+    assert env["WANDB_API_KEY"] is None and env["OPENRLHF_PASSK_REWARD_TOKEN"] is None
+    assert compose["services"]["reward"]["environment"]["OPENRLHF_PASSK_REWARD_TOKEN"] is None
+
+
+def test_compose_build_args_reach_the_dockerfiles(compose):
+    """A prebuilt FLASH_ATTN_WHEEL (hours saved) and the version/commit labels reach the builds; the
+    defaults equal the Dockerfiles' own."""
+    for service in ("trainer", "reward", "data"):
+        build = compose["services"][service]["build"]
+        dockerfile_args = arg_defaults(REPO / build["dockerfile"])
+        for name, value in build["args"].items():
+            assert name in dockerfile_args, f"{service}: {name} is not an ARG of {build['dockerfile']}"
+            assert value.startswith("${" + name + ":-"), (service, name)
+            assert default(value) == dockerfile_args[name], (service, name)
+    assert "FLASH_ATTN_WHEEL" in compose["services"]["trainer"]["build"]["args"]
 
 
 # ----------------------------------------------------------------------------------------- reward server

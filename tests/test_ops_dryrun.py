@@ -116,12 +116,22 @@ def collect(root: Path) -> dict[str, list[str]]:
     }
     submit = printed_command("submit_rayjob.sh", {"NUM_NODES": "2"}, "passk")
     commands["submit_rayjob.sh"] = remap(submit[submit.index("--") + 1 :], cluster)
-    for path in sorted((REPO / "k8s").glob("rayjob-*.yaml")):
+    # The Slurm script prints its `ray start` steps, then the recipe's command for the allocation's size.
+    slurm = subprocess.run(
+        ["bash", str(SCRIPTS / "train_passk_slurm.sh")],
+        env={"PATH": os.environ["PATH"], "DRY_RUN": "1", "SLURM_JOB_NODELIST": "n1,n2", **local},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert slurm.returncode == 0, slurm.stderr
+    commands["train_passk_slurm.sh (2 nodes)"] = shlex.split(slurm.stdout.splitlines()[-1][2:])
+    for path in sorted([*(REPO / "k8s").glob("rayjob-*.yaml"), *(REPO / "k8s").glob("examples/rayjob-*.yaml")]):
         job = yaml.safe_load(path.read_text())
         commands[path.name] = remap(shlex.split(job["spec"]["entrypoint"]), cluster)
 
     compose = yaml.safe_load((REPO / "docker" / "compose.yaml").read_text())["services"]["trainer"]
-    env = {k: compose_value(str(v)) for k, v in compose["environment"].items()}
+    env = {k: compose_value(str(v)) for k, v in compose["environment"].items() if v is not None}
     env = {k: v for k, v in env.items() if v and k not in ("USER", "HOME", "HF_TOKEN")}
     assert env["DATA_DIR"] == "/data/maze" and env["OUTPUT_ROOT"] == "/runs"
     env.update(DATA_DIR=data, OUTPUT_ROOT=runs)
@@ -161,7 +171,7 @@ def dry_runs(shared_root, subprocess_env) -> tuple[dict[str, list[str]], dict[st
 
 def test_every_shipped_command_passes_the_dry_run(dry_runs):
     commands, results = dry_runs
-    assert len(commands) >= 9  # 3 script variants, submit, 4 RayJobs, compose
+    assert len(commands) >= 11  # 3 script variants, submit, Slurm, 4 RayJobs + the overlay example, compose
     for name, argv in commands.items():
         result = results[name]
         assert result["code"] == 0, f"{name}: {result['stderr']}"

@@ -1,15 +1,22 @@
 """k8s/: the rendered manifests are current, parse, validate against Kubernetes 1.33 (strict: unknown
-fields fail), every pod template inside the RayJobs validates as a Pod, the RayJobs have what KubeRay
-requires, and the pieces agree with each other (GPUs, volumes, labels, service names, paths)."""
+fields fail), every pod template inside the RayJobs validates as a Pod, the RayJobs fit KubeRay v1.2's
+and the latest release's RayJob schema (tests/data/kuberay, offline), each entrypoint is exactly the
+scripts' command for the same settings, secrets stay out of specs, and the pieces agree with each
+other (GPUs, volumes, labels, service names, paths, network policies, storage size)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -17,8 +24,11 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 K8S_VERSION = "1.33.0"  # the Kubernetes version the manifests are validated against (k8s/README.md)
-MANIFESTS = sorted(K8S.glob("*.yaml"))
-RAYJOBS = sorted(K8S.glob("rayjob-*.yaml"))
+MANIFESTS = sorted([*K8S.glob("*.yaml"), *K8S.glob("examples/*.yaml")])
+RAYJOBS = sorted([*K8S.glob("rayjob-*.yaml"), *K8S.glob("examples/rayjob-*.yaml")])
+SHIPPED_RAYJOBS = sorted(K8S.glob("rayjob-*.yaml"))  # the default manifests, without opt-in overlays
+CRD_KINDS = {"RayJob", "ServiceMonitor"}  # not in Kubernetes' own schemas
+KUBERAY_SCHEMAS = REPO / "tests" / "data" / "kuberay"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # what KubeRay demands of RayJob names
 # RayJobSpec fields of KubeRay's ray.io/v1 API (v1.1 - v1.6); anything else is a typo the CRD would drop.
@@ -84,7 +94,8 @@ def test_renderer_options_reach_the_output(tmp_path):
     images = {c["image"] for t in pod_templates(job).values() for c in t["spec"]["containers"]}
     assert images == {"registry.example.com/ml/openrlhf-passk-train:abc"}
     assert command_flags(job)["--actor.model_name_or_path"] == ["/mnt/shared/models/m"]
-    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in MANIFESTS}
+    rendered = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.yaml")}
+    assert rendered == {str(p.relative_to(K8S)) for p in MANIFESTS}
     # --check notices the drift from the default rendering (so the up-to-date test can fail).
     drift = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "render_k8s.py"), "--check", "--out", str(tmp_path)],
@@ -108,7 +119,7 @@ def test_manifest_parses(path):
         assert DNS_LABEL.match(doc["metadata"]["name"]), doc["metadata"]["name"]
 
 
-CORE = [(n, d) for n, d in all_docs() if d["kind"] != "RayJob"]
+CORE = [(n, d) for n, d in all_docs() if d["kind"] not in CRD_KINDS]
 
 
 @pytest.mark.parametrize("name,doc", CORE, ids=[f"{n}:{d['kind']}" for n, d in CORE])
@@ -154,7 +165,9 @@ def test_rayjob_structure(path):
     assert set(spec) <= RAYJOB_SPEC_FIELDS, set(spec) - RAYJOB_SPEC_FIELDS
     assert isinstance(spec["entrypoint"], str) and "\n" not in spec["entrypoint"]
     assert spec["submissionMode"] in SUBMISSION_MODES
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
+    # GPUs are released soon after the job (logs are on the volume) and a stuck job ends at a deadline.
+    assert spec["shutdownAfterJobFinishes"] is True and 0 <= spec["ttlSecondsAfterFinished"] <= 600
+    assert isinstance(spec["activeDeadlineSeconds"], int) and spec["activeDeadlineSeconds"] > 0
     # Retries (each on a fresh RayCluster) resume from checkpoints. KubeRay refuses them in InteractiveMode.
     assert isinstance(spec["backoffLimit"], int) and spec["backoffLimit"] >= 1
     assert spec["submissionMode"] != "InteractiveMode"
@@ -188,6 +201,8 @@ def test_rayjob_structure(path):
             ]
         assert template["spec"]["securityContext"]["runAsNonRoot"] is True
     head_ports = {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
+    wait = head["template"]["spec"]["initContainers"][0]
+    assert int({e["name"]: e["value"] for e in wait["env"]}["WAIT_SECONDS"]) < spec["activeDeadlineSeconds"]
     assert {6379, 8265, 10001} <= head_ports
     assert spec["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
 
@@ -195,7 +210,7 @@ def test_rayjob_structure(path):
 @pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
 def test_rayjob_gpus_match_the_training_command(path):
     (job,) = docs(path)
-    nodes, per_node = re.search(r"-(\d+)x(\d+)\.yaml$", path.name).groups()
+    nodes, per_node = re.search(r"-(\d+)x(\d+)[.-]", path.name).groups()
     flags = command_flags(job)
     groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     worker_gpus = sum(
@@ -250,7 +265,8 @@ def test_reward_server_is_hardened_and_reachable_only_from_training():
     (deployment,) = by_kind("Deployment")
     (service,) = by_kind("Service")
     (hpa,) = by_kind("HorizontalPodAutoscaler")
-    (policy,) = by_kind("NetworkPolicy")
+    (policy,) = [p for p in by_kind("NetworkPolicy") if p["metadata"]["name"] == service["metadata"]["name"]]
+    assert "replicas" not in deployment["spec"]  # the HPA owns the scale; a re-apply must not reset it
     pod = deployment["spec"]["template"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     for c in pod["spec"]["containers"]:
@@ -270,13 +286,10 @@ def test_reward_server_is_hardened_and_reachable_only_from_training():
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
 
     def admitted(pod_labels: dict) -> bool:
-        for rule in policy["spec"]["ingress"]:
-            for peer in rule["from"]:
-                exprs = peer["podSelector"].get("matchExpressions", [])
-                if all(pod_labels.get(e["key"]) in e["values"] for e in exprs if e["operator"] == "In"):
-                    return True
-        return False
+        return admits(policy, pod_labels, None, 5000)
 
+    assert admits(policy, {}, "monitoring", 5000)  # Prometheus scrapes /metrics
+    assert not admits(policy, {}, "default", 5000)
     for path in RAYJOBS:
         job = docs(path)[0]
         for name, template in pod_templates(job).items():
@@ -289,6 +302,30 @@ def test_reward_server_is_hardened_and_reachable_only_from_training():
     for path in RAYJOBS:
         url = command_flags(docs(path)[0])["--reward.remote_url"][0]
         assert url.startswith(f"http://{service['metadata']['name']}:{port}/")
+
+
+def admits(policy: dict, pod_labels: dict, namespace: str | None, port: int) -> bool:
+    """Whether an ingress NetworkPolicy lets a pod (labels; namespace None = the policy's own) reach
+    `port`: the rules as Kubernetes reads them (peers are ORed; within a selector, all terms must hold)."""
+
+    def selects(selector: dict, labels: dict) -> bool:
+        exprs = selector.get("matchExpressions", [])
+        return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and all(
+            labels.get(e["key"]) in e["values"] for e in exprs if e["operator"] == "In"
+        )
+
+    for rule in policy["spec"]["ingress"]:
+        if "ports" in rule and port not in {p["port"] for p in rule["ports"]}:
+            continue
+        for peer in rule["from"]:
+            if "namespaceSelector" in peer:
+                if namespace is not None and selects(
+                    peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace}
+                ):
+                    return True
+            elif namespace is None and selects(peer["podSelector"], pod_labels):
+                return True
+    return False
 
 
 def test_data_job_is_hardened():
@@ -314,3 +351,262 @@ def test_reward_deployment_args_parse_with_the_image_entrypoint():
     assert args.port == container["ports"][0]["containerPort"]
     limit = container["resources"]["limits"]["cpu"]
     assert args.workers <= int(limit), "more uvicorn workers than CPUs"
+
+
+# ------------------------------------------------------------------------------------- KubeRay schemas
+def kuberay_schema(version: str) -> dict:
+    return json.loads((KUBERAY_SCHEMAS / f"rayjob-{version}.schema.json").read_text())
+
+
+@pytest.mark.parametrize("version", ["v1.2", "v1.7"])
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_rayjob_fits_kuberay_schema(path, version):
+    """KubeRay v1.2 (the minimum k8s/README.md states) and the latest release both accept every RayJob."""
+    jsonschema.validate(docs(path)[0], kuberay_schema(version))
+
+
+def test_kuberay_v1_1_would_reject_the_rayjobs():
+    """Why the minimum is 1.2: v1.1's RayJob has no backoffLimit or submitterConfig, so a strict apply fails
+    (and a lenient one silently drops the retries)."""
+    job = docs(SHIPPED_RAYJOBS[0])[0]
+    with pytest.raises(jsonschema.ValidationError) as err:
+        jsonschema.validate(job, kuberay_schema("v1.1"))
+    assert "backoffLimit" in str(err.value.message) or "submitterConfig" in str(err.value.message)
+    trimmed = {**job, "spec": {k: v for k, v in job["spec"].items() if k not in ("backoffLimit", "submitterConfig")}}
+    jsonschema.validate(trimmed, kuberay_schema("v1.1"))  # ... and nothing else in them is newer than 1.1
+
+
+@pytest.mark.parametrize("version", ["v1.1", "v1.2", "v1.7"])
+def test_kuberay_schema_is_not_a_no_op(version):
+    job = docs(SHIPPED_RAYJOBS[0])[0]
+    for bad in (
+        {**job, "spec": {**job["spec"], "entrypointt": "typo"}},
+        {**job, "spec": {**job["spec"], "submissionMode": "ShellMode"}},
+        {**job, "spec": {**job["spec"], "activeDeadlineSeconds": "1h"}},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, kuberay_schema(version))
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    cluster = {**job["spec"]["rayClusterSpec"], "workerGroupSpecs": [{**worker, "replica": 1}]}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**job, "spec": {**job["spec"], "rayClusterSpec": cluster}}, kuberay_schema(version))
+
+
+# ------------------------------------------------------------------------- entrypoint = scripts' command
+@pytest.mark.parametrize("path", SHIPPED_RAYJOBS, ids=lambda p: p.name)
+def test_rayjob_entrypoint_is_the_scripts_command(path):
+    """`scripts/submit_rayjob.sh <recipe>` with the RayJob's size submits exactly the RayJob's entrypoint
+    (same run name, so both resume the same checkpoints; same reward server), and so does the training
+    script with the cluster's paths."""
+    (job,) = docs(path)
+    recipe, nodes = re.match(r"rayjob-(\w+)-(\d+)x8\.yaml", path.name).groups()
+    env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "NUM_NODES": nodes, "SUBMISSION_ID": "s"}
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "submit_rayjob.sh"), recipe], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    argv = shlex.split(out.stdout.splitlines()[0][2:])
+    entrypoint = shlex.split(job["spec"]["entrypoint"])
+    assert argv[argv.index("--") + 1 :] == entrypoint
+    assert command_flags(job)["--ckpt.path"] == [f"/mnt/shared/runs/{job['metadata']['name']}/ckpt"]
+    script = "train_passk_maze.sh" if recipe == "passk" else "train_grpo_maze.sh"
+    env.update(CHECK_LOCAL_PATHS="0", DATA_DIR="/mnt/shared/data/maze", OUTPUT_ROOT="/mnt/shared/runs")
+    env["REWARD_URL"] = "http://passk-reward:5000/get_reward"
+    out = subprocess.run(["bash", str(REPO / "scripts" / script)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert shlex.split(out.stdout.splitlines()[-1][2:]) == entrypoint
+
+
+# ------------------------------------------------------------------------------------------------ secrets
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_secrets_come_from_secrets_not_from_the_spec(path):
+    (job,) = docs(path)
+    text = path.read_text().lower()
+    assert "token=" not in text and "wandb.key " not in job["spec"]["entrypoint"].replace("from-env", "")
+    (deployment,) = by_kind("Deployment")
+    reward_env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    reward_ref = reward_env["OPENRLHF_PASSK_REWARD_TOKEN"]["valueFrom"]["secretKeyRef"]
+    for name, template in pod_templates(job).items():
+        if name == "submitter":
+            continue
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        for var in ("OPENRLHF_PASSK_REWARD_TOKEN", "WANDB_API_KEY", "HF_TOKEN"):
+            ref = env[var]["valueFrom"]["secretKeyRef"]
+            assert ref["optional"] is True and "value" not in env[var], f"{name}: {var}"
+        # The trainers send the same token the server checks.
+        assert env["OPENRLHF_PASSK_REWARD_TOKEN"]["valueFrom"]["secretKeyRef"] == reward_ref
+
+
+def test_renderer_refuses_a_token_in_the_reward_url(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "render_k8s.py"), "--out", str(tmp_path)]
+        + ["--reward-url", "http://passk-reward:5000/get_reward?token=abc"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "--reward-url must not carry the token" in out.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_renderer_refuses_shell_characters_in_the_entrypoint(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "render_k8s.py"), "--out", str(tmp_path), "--model", "a;b"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0 and "would be read by a shell" in out.stderr
+    # The renderer and scripts/lib/common.sh (submit_rayjob.sh) allow the same characters.
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import render_k8s
+    finally:
+        sys.path.pop(0)
+    common = (REPO / "scripts" / "lib" / "common.sh").read_text()
+    assert f"[[ $arg =~ {render_k8s.SHELL_SAFE.pattern} ]]" in common
+
+
+# ------------------------------------------------------------------------------- Ray pods: shm, logs, net
+def quantity(text: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    return int(text[:-2]) * units[text[-2:]] if text[-2:] in units else int(text)
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
+def test_object_store_fits_dev_shm_and_logs_reach_the_volume(path):
+    """Ray falls back to /tmp (slow) when /dev/shm is smaller than its object store; Ray's logs live in
+    /tmp/ray and are copied to the shared volume by a sidecar, so they survive the RayCluster."""
+    (job,) = docs(path)
+    cluster = job["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        spec = group["template"]["spec"]
+        shm = next(v for v in spec["volumes"] if v["name"] == "dshm")["emptyDir"]
+        store = int(group["rayStartParams"]["object-store-memory"])
+        assert shm["medium"] == "Memory" and store <= 0.95 * quantity(shm["sizeLimit"])  # Ray's own cap
+        ray, *sidecars = spec["containers"]
+        memory = quantity(ray["resources"]["limits"]["memory"])
+        assert quantity(shm["sizeLimit"]) < memory  # tmpfs pages count against the container
+        assert {"name": "ray-tmp", "mountPath": "/tmp/ray"} in ray["volumeMounts"]
+        (logs,) = [c for c in sidecars if c["name"] == "ray-logs"]
+        assert {"name": "ray-tmp", "mountPath": "/tmp/ray", "readOnly": True} in logs["volumeMounts"]
+        root = {e["name"]: e.get("value") for e in logs["env"]}["LOG_ROOT"]
+        assert root == f"/mnt/shared/runs/{job['metadata']['name']}/ray-logs"
+        assert subprocess.run(["bash", "-n", "-c", logs["command"][2]]).returncode == 0
+
+
+def test_ray_ports_are_closed_to_other_pods():
+    (policy,) = [p for p in by_kind("NetworkPolicy") if p["metadata"]["name"] == "passk-ray"]
+    job = docs(SHIPPED_RAYJOBS[0])[0]
+    templates = pod_templates(job)
+    head_labels = templates["head"]["metadata"]["labels"]
+    protected = {**policy["spec"]["podSelector"]}
+    for name, template in templates.items():
+        labels = template["metadata"]["labels"]
+        selected = all(labels.get(e["key"]) in e["values"] for e in protected["matchExpressions"])
+        assert selected is (name != "submitter"), name  # head and workers are protected
+        for port in (6379, 8265, 10001, 12345):  # GCS, dashboard/Jobs API, client, any worker port
+            assert admits(policy, labels, None, port), f"{name} must reach the Ray cluster on {port}"
+    assert admits(policy, {}, "kuberay-system", 8265)  # the operator polls the Jobs API
+    assert not admits(policy, {}, "kuberay-system", 6379)
+    assert admits(policy, {}, "monitoring", 8080) and not admits(policy, {}, "monitoring", 8265)
+    (data_job,) = by_kind("Job")
+    for outsider in ({}, data_job["spec"]["template"]["metadata"]["labels"], {"app": "x"}):
+        for port in (6379, 8265, 10001):
+            assert not admits(policy, outsider, None, port)
+    assert head_labels["app.kubernetes.io/component"] == "ray-head"
+
+
+def test_service_monitor_example_scrapes_the_reward_service():
+    (monitor,) = by_kind("ServiceMonitor")
+    (service,) = by_kind("Service")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]} and endpoint["path"] == "/metrics"
+
+
+def test_multinode_network_is_opt_in():
+    """The RDMA/hostNetwork overlay is only in k8s/examples/ (rendered with its flags), never by default."""
+    (example,) = K8S.glob("examples/rayjob-*.yaml")
+    worker = docs(example)[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    ray = worker["containers"][0]
+    env = {e["name"]: e.get("value") for e in ray["env"]}
+    assert worker["hostNetwork"] is True and worker["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert ray["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+    assert ray["resources"]["limits"]["rdma/rdma_shared_device_a"] == "1"
+    assert {"NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "NCCL_DEBUG"} <= env.keys()
+    for path in SHIPPED_RAYJOBS:
+        text = path.read_text()
+        assert "hostNetwork" not in text and "IPC_LOCK" not in text and "NCCL_" not in text, path.name
+
+
+def test_head_waits_for_the_data_jobs_done_stamp(tmp_path):
+    """The init container waits for the stamp prepare_maze_data.sh writes last, and gives up in time."""
+    (data_job,) = by_kind("Job")
+    out_dir = {e["name"]: e["value"] for e in data_job["spec"]["template"]["spec"]["containers"][0]["env"]}[
+        "OUT_DIR"
+    ]
+    wait = docs(SHIPPED_RAYJOBS[0])[0]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
+        "initContainers"
+    ][0]
+    script = wait["command"][2]
+    assert f'"{out_dir}/.done"' in script and "train.jsonl" not in script
+    assert "$OUT_DIR/.done" in (REPO / "scripts" / "prepare_maze_data.sh").read_text()
+    # Run it with a 1 s budget, the stamp path on a temporary folder and an unreachable server.
+    local = script.replace(f"{out_dir}/.done", str(tmp_path / ".done")).replace(
+        "http://passk-reward:5000", "http://127.0.0.1:9"
+    )
+    (tmp_path / ".done").write_text("x")
+    out = subprocess.run(
+        [sys.executable, "-c", local], env={**os.environ, "WAIT_SECONDS": "1"}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1 and "gave up after 1 s: data job done=True" in out.stderr
+    assert "reward server healthy=False" in out.stderr
+
+
+def test_storage_fits_the_checkpoints_it_keeps():
+    """A 7.6B-parameter ZeRO-3 checkpoint with Adam is ~14 bytes/parameter (bf16 weights 2 + fp32 master
+    4 + Adam m, v 4 + 4) = ~107 GB; each variant keeps --ckpt.max_num of them plus a 2-byte/param model."""
+    (pvc,) = by_kind("PersistentVolumeClaim")
+    size = quantity(pvc["spec"]["resources"]["requests"]["storage"])
+    params = 7.62e9  # Qwen2.5-7B-Instruct, the default --model
+    need = 0.0
+    for path in SHIPPED_RAYJOBS:
+        flags = command_flags(docs(path)[0])
+        assert flags["--actor.model_name_or_path"] == ["Qwen/Qwen2.5-7B-Instruct"]
+        need += int(flags["--ckpt.max_num"][0]) * 14 * params + 2 * params
+    assert 14 * params / 1e9 == pytest.approx(107, abs=1)
+    assert size >= need * 1.1, f"{size / 2**40:.2f} TiB < {need / 2**40:.2f} TiB needed (+10 %)"
+
+
+def test_log_sidecar_copies_ray_logs_and_once_more_on_stop(tmp_path):
+    """The sidecar's own script, pointed at a temporary Ray session: it copies at start, and again on
+    SIGTERM (the pod stopping), so the last lines written before the end are on the volume too."""
+    job = docs(SHIPPED_RAYJOBS[0])[0]
+    (sidecar,) = [c for c in pod_templates(job)["head"]["spec"]["containers"] if c["name"] == "ray-logs"]
+    session = tmp_path / "ray" / "session_2026"
+    (session / "logs").mkdir(parents=True)
+    (tmp_path / "ray" / "session_latest").symlink_to(session)
+    (session / "logs" / "raylet.out").write_text("first\n")
+    script = sidecar["command"][2].replace("/tmp/ray/", f"{tmp_path}/ray/")
+    env = {"PATH": os.environ["PATH"], "LOG_ROOT": str(tmp_path / "volume"), "POD_NAME": "head-abc"}
+    proc = subprocess.Popen(["bash", "-c", script], env=env, start_new_session=True)
+    copied = tmp_path / "volume" / "head-abc" / "raylet.out"
+    try:
+        deadline = time.monotonic() + 60
+        while not copied.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "no first copy"
+            time.sleep(0.2)
+        (session / "logs" / "raylet.out").write_text("first\nlast words\n")
+        (session / "logs" / "worker-1.err").write_text("boom\n")
+        time.sleep(1.1)  # cp -u compares modification times (1 s resolution on some file systems)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # our own child's group: the loop's pending `sleep 60`
+        except ProcessLookupError:
+            pass
+    assert copied.read_text() == "first\nlast words\n"
+    assert (copied.parent / "worker-1.err").read_text() == "boom\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def run(script: str, env: dict[str, str], *args: str, cwd: Path = REPO) -> subpr
 def test_scripts_exist():
     names = {p.name for p in SHELL_SCRIPTS}
     expected = {"prepare_maze_data.sh", "train_passk_maze.sh", "train_grpo_maze.sh", "submit_rayjob.sh"}
-    assert expected | {"eval_passk.sh"} <= names
+    assert expected | {"eval_passk.sh", "train_passk_slurm.sh", "build_images.sh"} <= names
     for path in SCRIPTS.glob("*.sh"):
         assert os.access(path, os.X_OK), f"{path.name} is not executable"
         text = path.read_text()
@@ -92,7 +93,21 @@ BAD_INPUTS = [
     ("train_passk_maze.sh", {"REWARD_URL": "ftp://x"}, "REWARD_URL must be an http(s):// URL"),
     ("train_passk_maze.sh", {"DATA_DIR": "/nope"}, "DATA_DIR: file '/nope/train.jsonl' does not exist"),
     ("train_grpo_maze.sh", {"ESTIMATOR": "passk"}, "train_grpo_maze.sh always uses ESTIMATOR=group_norm"),
+    (
+        "train_passk_maze.sh",
+        {"REWARD_URL": "http://r:5000/get_reward?token=s3cr3t"},
+        "REWARD_URL must not carry the token",
+    ),
+    ("train_passk_maze.sh", {"GPUS_PER_NODE": "0"}, "GPUS_PER_NODE must be >= 1"),
+    ("train_passk_maze.sh", {"WANDB_PROJECT": "my project"}, "WANDB_PROJECT may hold only"),
     ("submit_rayjob.sh", {"RAY_ADDRESS": "ray-head:8265"}, "RAY_ADDRESS must be the dashboard URL"),
+    ("submit_rayjob.sh", {"MODEL": "org/m&echo"}, "'org/m&echo' has characters a shell would interpret"),
+    ("submit_rayjob.sh", {"EXTRA_ARGS": "--logger.wandb.key $KEY"}, "'$KEY' has characters a shell"),
+    ("submit_rayjob.sh", {"RECIPE_ARG": "grpo", "ESTIMATOR": "passk"}, "grpo always uses ESTIMATOR=group_norm"),
+    ("train_passk_slurm.sh", {}, "SLURM_JOB_NODELIST is not set: submit this script with sbatch"),
+    ("train_passk_slurm.sh", {"SLURM_JOB_NODELIST": "a,b", "RECIPE": "ppo"}, "RECIPE must be passk or grpo"),
+    ("train_passk_slurm.sh", {"SLURM_JOB_NODELIST": "a,b", "PASSK_K": "64"}, "PASSK_K (64) must be <="),
+    ("build_images.sh", {"VCS_REF": "abc;rm"}, "VCS_REF must be a commit id"),
     ("submit_rayjob.sh", {"RUNTIME_ENV_JSON": "{oops"}, "RUNTIME_ENV_JSON is not valid JSON"),
     ("prepare_maze_data.sh", {"SIZES": "9,10"}, "SIZES: every maze size must be odd and >= 5, got 10"),
     ("prepare_maze_data.sh", {"TEST_SIZES": "7;9"}, "TEST_SIZES must be a comma list"),
@@ -103,12 +118,13 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(
-    "script,env,message", BAD_INPUTS, ids=[f"{s}:{next(iter(e))}" for s, e, _ in BAD_INPUTS]
+    "script,env,message", BAD_INPUTS, ids=[f"{s}:{next(iter(e), 'unset')}" for s, e, _ in BAD_INPUTS]
 )
 def test_bad_input_is_refused_with_a_named_message(script, env, message, data_dir, tmp_path):
     base = {"DRY_RUN": "1", "DATA_DIR": str(data_dir), "OUTPUT_ROOT": str(tmp_path / "runs")}
     base.update({"DATA": str(data_dir / "test.jsonl"), "OUT_DIR": str(tmp_path / "out")})
-    args = ["passk"] if script == "submit_rayjob.sh" else []
+    env = dict(env)
+    args = [env.pop("RECIPE_ARG", "passk")] if script == "submit_rayjob.sh" else []
     if script == "eval_passk.sh":
         (tmp_path / "model").mkdir()
         args = [str(tmp_path / "model")]
@@ -136,9 +152,104 @@ def test_submit_wraps_the_recipe_in_ray_job_submit():
         "--no-wait",
     ]
     assert argv[split + 1 : split + 4] == ["python3", "-m", "openrlhf.cli.train_ppo_ray"]
-    # Cluster paths (the shared volume and the image's checkout) are the defaults, not local ones.
+    # Cluster paths (the shared volume) and the reward server are the defaults, not local ones; the run
+    # name carries the cluster size, like the RayJob's (a ZeRO-3 checkpoint needs the same world size).
     assert argv[argv.index("--data.prompt_dataset") + 1] == "/mnt/shared/data/maze/train.jsonl"
-    assert argv[argv.index("--ckpt.path") + 1] == "/mnt/shared/runs/grpo-maze/ckpt"
+    assert argv[argv.index("--ckpt.path") + 1] == "/mnt/shared/runs/grpo-maze-1x8/ckpt"
+    assert argv[argv.index("--reward.remote_url") + 1] == "http://passk-reward:5000/get_reward"
+    assert argv[argv.index("--algo.advantage.estimator") + 1] == "group_norm"
+
+
+@pytest.mark.parametrize(
+    "env,run_name",
+    [
+        ({}, "passk-maze-1x8"),
+        ({"NUM_NODES": "2"}, "passk-maze-2x8"),
+        ({"NUM_NODES": "2", "GPUS_PER_NODE": "4", "TRAIN_BATCH_SIZE": "256"}, "passk-maze-2x4"),
+        ({"RUN_NAME": "mine", "NUM_NODES": "4"}, "mine-4x8"),
+        ({"RUN_NAME": "mine-4x8", "NUM_NODES": "4"}, "mine-4x8"),  # already sized: kept as is
+        ({"RUN_NAME": "mine-4x8", "NUM_NODES": "2"}, "mine-4x8-2x8"),  # another size: its own run
+    ],
+)
+def test_run_name_carries_the_cluster_size(env, run_name, data_dir, tmp_path):
+    out = run("train_passk_maze.sh", {"DRY_RUN": "1", "DATA_DIR": str(data_dir), "OUTPUT_ROOT": "/r", **env})
+    assert out.returncode == 0, out.stderr
+    argv = shlex.split(out.stdout.splitlines()[-1][2:])
+    assert argv[argv.index("--ckpt.path") + 1] == f"/r/{run_name}/ckpt"
+
+
+def test_wandb_key_never_reaches_the_command(data_dir, tmp_path):
+    """WANDB_PROJECT switches OpenRLHF's wandb logger on; the key stays in WANDB_API_KEY (wandb reads it
+    there and OpenRLHF then skips its own login), the flag only carries a placeholder."""
+    env = {"DRY_RUN": "1", "DATA_DIR": str(data_dir), "WANDB_PROJECT": "passk", "WANDB_API_KEY": "k3y-S3CRET"}
+    out = run("train_passk_maze.sh", env)
+    assert out.returncode == 0, out.stderr
+    assert "k3y-S3CRET" not in out.stdout + out.stderr
+    argv = shlex.split(out.stdout.splitlines()[-1][2:])
+    assert argv[argv.index("--logger.wandb.key") + 1] == "from-env:WANDB_API_KEY"
+    assert argv[argv.index("--logger.wandb.project") + 1] == "passk"
+    assert argv[argv.index("--logger.wandb.run_name") + 1] == "passk-maze-1x8"
+    # A real (non-dry) run without the key stops before anything starts.
+    real = {"PYTHON": sys.executable, "DATA_DIR": str(data_dir), "WANDB_PROJECT": "passk", "CHECK_GPUS": "0"}
+    out = run("train_passk_maze.sh", real)
+    assert out.returncode == 2 and "WANDB_API_KEY is not" in out.stderr
+
+
+def fake_nvidia_smi(tmp_path: Path, gpus: int) -> str:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "nvidia-smi"
+    lines = "".join(f"echo 'GPU {i}: NVIDIA H100 (UUID: GPU-{i})'\n" for i in range(gpus))
+    tool.write_text("#!/usr/bin/env bash\n" + lines)
+    tool.chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_training_refuses_a_machine_with_too_few_gpus(data_dir, tmp_path):
+    """OpenRLHF would wait forever for 8 GPUs on a 2-GPU machine: the script stops first, naming the fix."""
+    env = {"PYTHON": sys.executable, "DATA_DIR": str(data_dir), "OUTPUT_ROOT": str(tmp_path / "runs")}
+    env["PATH"] = fake_nvidia_smi(tmp_path, 2)
+    out = subprocess.run(
+        ["bash", str(SCRIPTS / "train_passk_maze.sh")], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "GPUS_PER_NODE=8 but this machine shows 2 GPU(s)" in out.stderr
+    assert "+ " not in out.stdout and not (tmp_path / "runs").exists()
+
+
+def test_slurm_script_starts_ray_on_every_node_then_runs_the_recipe(data_dir):
+    env = {"DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu1,gpu2,gpu3,gpu4", "DATA_DIR": str(data_dir), "OUTPUT_ROOT": "/r"}
+    out = run("train_passk_slurm.sh", env)
+    assert out.returncode == 0, out.stderr
+    lines = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    starts, train = lines[:-1], lines[-1]
+    assert [argv[argv.index("-w") + 1] for argv in starts] == ["gpu1", "gpu2", "gpu3", "gpu4"]
+    head, *workers = starts
+    assert "--head" in head and head[head.index("--port") + 1] == "6379"
+    for argv in workers:
+        assert argv[argv.index("--address") + 1] == "gpu1:6379" and "--head" not in argv
+    for argv in starts:
+        assert argv[argv.index("--num-gpus") + 1] == "8" and "--block" in argv
+    # The recipe's own command for 4 nodes (what train_passk_maze.sh prints with NUM_NODES=4).
+    direct = run("train_passk_maze.sh", {**env, "NUM_NODES": "4", "SLURM_JOB_NODELIST": ""})
+    assert direct.returncode == 0, direct.stderr
+    assert train == shlex.split(direct.stdout.splitlines()[-1][2:])
+    assert train[train.index("--actor.num_nodes") + 1] == "4"
+    assert train[train.index("--ckpt.path") + 1] == "/r/passk-maze-4x8/ckpt"
+
+
+def test_build_images_tags_by_version_and_commit():
+    out = run("build_images.sh", {"DRY_RUN": "1", "VCS_REF": "3f2a9c1", "REGISTRY": "reg.example/ml"})
+    assert out.returncode == 0, out.stderr
+    version = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    builds = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ docker build")]
+    assert len(builds) == 2
+    for argv, image in zip(builds, ("train", "reward"), strict=True):
+        tags = [argv[i + 1] for i, a in enumerate(argv) if a == "-t"]
+        name = f"reg.example/ml/openrlhf-passk-{image}"
+        assert tags == [f"{name}:{version}", f"{name}:{version}-3f2a9c1"]
+        assert "VCS_REF=3f2a9c1" in argv and f"VERSION={version}" in argv
+        assert argv[argv.index("-f") + 1].endswith(f"docker/{image}.Dockerfile")
 
 
 def test_eval_script_commands_parse_with_the_eval_cli(data_dir, tmp_path):
@@ -169,7 +280,9 @@ def test_eval_script_commands_parse_with_the_eval_cli(data_dir, tmp_path):
     assert str(args.out) == str(tmp_path / "run" / "eval")
 
 
-def test_prepare_maze_data_generates_then_keeps_existing(tmp_path):
+def test_prepare_maze_data_stamps_its_parameters(tmp_path):
+    """The set is generated, reused only while its .done stamp matches the parameters, and regenerated
+    (not kept stale) when they change; .done appears only once both files are complete."""
     # The data Job runs in the reward image, which has no torch: make it unimportable here too.
     blocker = tmp_path / "no_torch" / "torch"
     blocker.mkdir(parents=True)
@@ -191,13 +304,35 @@ def test_prepare_maze_data_generates_then_keeps_existing(tmp_path):
     assert len(train) == 6 and len(test) == 2  # N per size
     assert all({"prompt", "label"} <= row.keys() for row in train + test)
     assert {row["label"].count("\n") + 1 for row in train} == {9, 11}  # grid rows = maze size
+    stamp = (out_dir / ".done").read_text()
+    assert "n_train=3" in stamp and "sizes=9,11" in stamp and not (out_dir / ".partial").exists()
     before = (out_dir / "train.jsonl").read_text()
-    second = run("prepare_maze_data.sh", {**env, "N_TRAIN": "5"})  # a restarted Job must not rewrite
-    assert second.returncode == 0 and "already present" in second.stdout
+    same = run("prepare_maze_data.sh", env)  # a restarted Job must not rewrite data in use
+    assert same.returncode == 0 and "already made with these parameters" in same.stdout
     assert (out_dir / "train.jsonl").read_text() == before
-    forced = run("prepare_maze_data.sh", {**env, "N_TRAIN": "5", "FORCE": "1"})
-    assert forced.returncode == 0, forced.stderr
+    changed = run("prepare_maze_data.sh", {**env, "N_TRAIN": "5"})  # stale: regenerated without FORCE
+    assert changed.returncode == 0, changed.stderr
+    assert "regenerating" in changed.stdout
     assert len((out_dir / "train.jsonl").read_text().splitlines()) == 10
+    assert "n_train=5" in (out_dir / ".done").read_text()
+    # A set without its stamp (a Job killed mid-way) is regenerated too.
+    (out_dir / ".done").unlink()
+    (out_dir / "train.jsonl").write_text('{"prompt": "trunc')
+    again = run("prepare_maze_data.sh", {**env, "N_TRAIN": "5"})
+    assert again.returncode == 0 and len((out_dir / "train.jsonl").read_text().splitlines()) == 10
+    forced = run("prepare_maze_data.sh", {**env, "N_TRAIN": "5", "FORCE": "1"})
+    assert forced.returncode == 0 and "+ " in forced.stdout
+
+
+def test_prepare_maze_data_writes_the_stamp_last(tmp_path):
+    """A generator that fails leaves no .done (so a waiting RayJob keeps waiting) and no half files."""
+    fake = tmp_path / "fake-cli"
+    fake.write_text("#!/usr/bin/env bash\necho partial >\"${@: -2:1}/train.jsonl\"; exit 3\n")
+    fake.chmod(0o755)
+    out_dir = tmp_path / "maze"
+    out = run("prepare_maze_data.sh", {"OUT_DIR": str(out_dir), "PASSK_CLI": str(fake)})
+    assert out.returncode == 3
+    assert not (out_dir / ".done").exists() and not (out_dir / "train.jsonl").exists()
 
 
 def test_eval_script_rescores_samples_end_to_end(tmp_path):

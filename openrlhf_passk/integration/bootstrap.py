@@ -1,5 +1,6 @@
 """Interpreter-start bootstrap, imported by `openrlhf_passk_hook.pth` in every Python process of the
-environment (the training driver and every Ray worker alike).
+environment: the training driver (which parses the arguments) and every Ray worker alike, among them the
+PPOTrainer Ray actor, where the experience maker computes the advantages and SimKO's fields.
 
 It only puts a tiny finder at the front of `sys.meta_path`; the finder ignores every module outside
 the `openrlhf` package, so torch and OpenRLHF are not imported here and other programs pay nothing.

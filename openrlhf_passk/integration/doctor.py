@@ -1,6 +1,9 @@
-"""`openrlhf-passk doctor`: versions, whether the OpenRLHF hook is active, GPU/vLLM, supported verdict.
+"""`openrlhf-passk doctor`: versions, whether the OpenRLHF hook is active, GPU/vLLM, supported verdict,
+and in plain words whether this machine can train.
 
-Exit status 0 when OpenRLHF is a supported version and the hook is active, 1 otherwise.
+Exit status 0 when the installation works (a supported OpenRLHF is the one that imports, the hook is
+active, SimKO loads), whether or not this machine can train (no GPU or no vLLM: dry runs and CPU mode
+only); 1 when the installation is broken.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ def report() -> dict:
             }
     except ImportError:
         pass
-    openrlhf = versions["openrlhf"]
+    detected = upstream.detect_openrlhf()  # the package that imports, not just the first metadata found
+    openrlhf = versions["openrlhf"] = detected.version
     supported = openrlhf in upstream.SUPPORTED_VERSIONS
     try:
         from openrlhf_passk.integration import simko
@@ -63,6 +67,9 @@ def report() -> dict:
         simko_status = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     from openrlhf_passk import advantages
 
+    # Only an installed vLLM counts: a stand-in (tests/stubs, or ours in a dry run) has no package metadata.
+    real_vllm = versions["vllm"] is not None and vllm_spec is not None
+    missing = [what for what, ok in (("no GPU", gpu["device_count"] > 0), ("no vLLM", real_vllm)) if not ok]
     return {
         "versions": versions,
         "hook": {
@@ -82,11 +89,22 @@ def report() -> dict:
             "version": openrlhf,
             "supported": supported,
             "supported_versions": list(upstream.SUPPORTED_VERSIONS),
+            "location": detected.location,
+            "problem": detected.problem,
             "verdict": (
                 f"OpenRLHF {openrlhf} is supported"
                 if supported
-                else f"OpenRLHF {openrlhf or '(not installed)'} is NOT supported; use "
+                else detected.problem
+                or f"OpenRLHF {openrlhf or '(not installed)'} is NOT supported; use "
                 + " or ".join(upstream.SUPPORTED_VERSIONS)
+            ),
+        },
+        "can_train": {
+            "ok": not missing,
+            "verdict": (
+                f"this machine can train ({gpu['device_count']} GPU(s), vLLM {versions['vllm']})"
+                if not missing
+                else f"this machine cannot train ({', '.join(missing)}): dry runs and CPU mode only"
             ),
         },
         "estimators": advantages.available(),
@@ -94,7 +112,7 @@ def report() -> dict:
         "patched_symbols": list(upstream.PATCHED_SYMBOLS),
         "env": {
             key: os.environ[key]
-            for key in ("OPENRLHF_PASSK_DISABLE", "OPENRLHF_PASSK_DRY_RUN")
+            for key in ("OPENRLHF_PASSK_DISABLE", "OPENRLHF_PASSK_DRY_RUN", "OPENRLHF_PASSK_CPU")
             if key in os.environ
         },
         "executable": sys.executable,
@@ -126,5 +144,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"simko: {'ok' if data['simko']['ok'] else 'BROKEN: ' + data['simko']['error']}")
     print(f"estimators: {', '.join(data['estimators'])}")
+    print(f"openrlhf: {data['openrlhf']['location'] or 'not importable'}")
     print(f"verdict: {data['openrlhf']['verdict']}")
+    print(f"training: {data['can_train']['verdict']}")
     return 0 if ok else 1

@@ -8,37 +8,119 @@ Two kinds of hooks:
   (no `exec_module`, and its parser is built inside `if __name__ == "__main__":`). While it loads,
   `argparse.ArgumentParser.parse_args` is wrapped; the wrapper acts only on the parser that defines
   OpenRLHF's estimator flag (see `config.extend_parser`), then puts the original back.
+
+Modes, set up at the first `openrlhf*` lookup of a process (`_activate_modes`):
+- OPENRLHF_PASSK_DRY_RUN: stand-ins for a missing vllm/flash_attn (`standins.install("dry run")`);
+- OPENRLHF_PASSK_CPU=1: stand-ins ("CPU mode"), then `cpu_mode.activate()` once and its `PATCHES` join the
+  patch table; `cpu_mode.prepare_args(args)` runs on the parsed training args. Without the variable,
+  cpu_mode is never imported.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import importlib.abc
+import os
 import sys
 from collections.abc import Callable
 from types import ModuleType
 
-from openrlhf_passk.integration import upstream
+from openrlhf_passk.integration import standins, upstream
 
 _PATCHED_ATTR = "__openrlhf_passk_patched__"
+DRY_RUN_ENV = "OPENRLHF_PASSK_DRY_RUN"  # same variable and rule as config.DRY_RUN_ENV
+CPU_ENV = "OPENRLHF_PASSK_CPU"
+CPU_MODE_MODULE = "openrlhf_passk.integration.cpu_mode"
+
+
+def dry_run_requested() -> bool:
+    return os.environ.get(DRY_RUN_ENV, "").strip() not in ("", "0")
+
+
+def cpu_requested() -> bool:
+    return os.environ.get(CPU_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _warn_loudly(message: str) -> None:
+    bar = "=" * 78
+    print(f"{bar}\n[openrlhf-passk] WARNING: {message}\n{bar}", file=sys.stderr)
 
 
 @functools.cache
 def _supported_layout() -> upstream.Layout | None:
-    """Layout of the installed OpenRLHF, or None if it is missing or unsupported (then one warning)."""
-    if upstream.openrlhf_version() is None:
+    """Layout of the imported OpenRLHF, or None if it is missing, of unknown version or unsupported (then
+    one warning, and nothing is patched)."""
+    detected = upstream.detect_openrlhf()
+    if detected.location is None:
         return None  # `import openrlhf` fails on its own, with Python's usual message
+    if detected.problem is not None:
+        _warn_loudly(f"{detected.problem}. openrlhf-passk patches NOTHING: the passk estimators are NOT available.")
+        return None
     try:
-        return upstream.layout()
+        return upstream.layout(detected.version)
     except upstream.UnsupportedVersion as exc:
-        print(f"[openrlhf-passk] WARNING: {exc}. The passk estimators are NOT available.", file=sys.stderr)
+        _warn_loudly(f"{exc}. The passk estimators are NOT available.")
         return None
 
 
-@functools.cache
+_cpu_module: ModuleType | None = None
+_cpu_checked = False
+
+
+def _cpu_mode() -> ModuleType | None:
+    """The CPU-mode module, activated once, when OPENRLHF_PASSK_CPU is set; else None (never imported).
+
+    The module is recorded before `activate()` runs, so OpenRLHF modules that activate() imports already get
+    CPU mode's patches. cpu_mode must not import OpenRLHF at its own module level: those imports would
+    happen before its PATCHES are known and would miss them.
+    """
+    global _cpu_module, _cpu_checked
+    if not _cpu_checked:
+        _cpu_checked = True
+        if cpu_requested():
+            standins.install("CPU mode")
+            _cpu_module = importlib.import_module(CPU_MODE_MODULE)
+            _cpu_module.activate()
+    return _cpu_module
+
+
+def _activate_modes() -> None:
+    """Before any OpenRLHF code runs: stand-ins for the dry run, everything CPU mode needs."""
+    if _cpu_mode() is None and dry_run_requested():
+        standins.install("dry run")
+
+
+def _cpu_patches() -> dict[str, list[Callable[[ModuleType], None]]]:
+    module = _cpu_mode()
+    if module is None:
+        return {}
+    outside = [name for name in module.PATCHES if name != "openrlhf" and not name.startswith("openrlhf.")]
+    if outside:  # bootstrap's finder sees only `openrlhf*` imports: such a patch would never run
+        raise ImportError(f"openrlhf-passk: cpu_mode.PATCHES names modules outside openrlhf: {sorted(outside)}")
+    return module.PATCHES
+
+
+def watched_modules() -> frozenset[str]:
+    """Modules whose import the finder wraps: ours (upstream.PATCHED_MODULES) and CPU mode's."""
+    return upstream.PATCHED_MODULES | frozenset(_cpu_patches())
+
+
 def patch_table() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
-    """Upstream module name -> patch functions (ours, then SimKO's)."""
+    """Upstream module name -> patch functions (ours, then SimKO's, then CPU mode's)."""
+    table = {name: list(fns) for name, fns in _base_patch_table().items()}
+    for name, fns in _cpu_patches().items():
+        table.setdefault(name, []).extend(fns)
+    unlisted = set(table) - watched_modules()
+    if unlisted:  # the finder only looks at watched_modules(): a patch elsewhere would never run
+        raise ImportError(f"openrlhf-passk: patched modules missing from upstream.PATCHED_MODULES: {sorted(unlisted)}")
+    return {name: tuple(fns) for name, fns in table.items()}
+
+
+@functools.cache
+def _base_patch_table() -> dict[str, list[Callable[[ModuleType], None]]]:
+    """Ours and SimKO's (imported once per process)."""
     from openrlhf_passk.integration import experience, reward
 
     try:
@@ -59,10 +141,7 @@ def patch_table() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
     }
     for name, fn in patches.items():
         table.setdefault(name, []).append(fn)
-    unlisted = set(table) - upstream.PATCHED_MODULES
-    if unlisted:  # the finder only looks at PATCHED_MODULES: a patch elsewhere would never run
-        raise ImportError(f"openrlhf-passk: patched modules missing from upstream.PATCHED_MODULES: {sorted(unlisted)}")
-    return {name: tuple(fns) for name, fns in table.items()}
+    return table
 
 
 def apply_patches(module: ModuleType) -> None:
@@ -78,6 +157,7 @@ def patch_loaded_modules() -> None:
     """Patch target modules that were imported before the hooks were installed."""
     if _supported_layout() is None:
         return
+    _activate_modes()
     for name in patch_table():
         if name in sys.modules:
             apply_patches(sys.modules[name])
@@ -104,10 +184,11 @@ def find_spec(finder, name: str, path, target):
     """Called by bootstrap.PostImportFinder for every `openrlhf*` lookup."""
     if _supported_layout() is None:
         return None
+    _activate_modes()
     if name == upstream.CLI_MODULE:
         _wrap_parse_args()
         return None
-    if name not in upstream.PATCHED_MODULES or name not in patch_table():
+    if name not in watched_modules() or name not in patch_table():
         return None
     # Find the real spec with the finders that come after ours, then wrap its loader.
     for other in sys.meta_path:
@@ -133,7 +214,11 @@ def _wrap_parse_args() -> None:
         if layout.estimator_flag not in self._option_string_actions:
             return original(self, args, namespace)
         argparse.ArgumentParser.parse_args = original  # one parser per process: put argparse back
-        return config.parse_training_args(self, original, layout, args, namespace)
+        parsed = config.parse_training_args(self, original, layout, args, namespace)
+        cpu_mode = _cpu_mode()
+        if cpu_mode is not None:
+            cpu_mode.prepare_args(parsed)
+        return parsed
 
     parse_args.__openrlhf_passk__ = True
     parse_args.__wrapped__ = original

@@ -1,14 +1,19 @@
 """Every OpenRLHF symbol this package patches or relies on, in one place, with the releases it was read on.
 
-Nothing here imports OpenRLHF: it is plain data plus two small accessors, so the `.pth` bootstrap can
-consult it at interpreter start. When a new OpenRLHF release is supported, re-read each symbol below in
-that release, then add a layout entry.
+Nothing here imports OpenRLHF: it is plain data, the version detection of the OpenRLHF that imports and
+two small accessors, so the `.pth` bootstrap can consult it at interpreter start. When a new OpenRLHF
+release is supported, re-read each symbol below in that release, then add a layout entry.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
+import json
+import sys
+import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 CLI_MODULE = "openrlhf.cli.train_ppo_ray"
@@ -66,7 +71,8 @@ PATCHED_SYMBOLS: dict[str, str] = {
         "accept them, once SimKO is enabled in the process; read: tensor_field, the 'step'/'episode' roles"
     ),
     f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker.__init__": (
-        "SimKO: wrapped: adds the Experience fields in the driver when args.simko"
+        "SimKO: wrapped: adds the Experience fields in the PPOTrainer Ray actor (where the experience maker "
+        "runs, on both versions; not the driver) when args.simko"
     ),
     f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker._flatten_results": (
         "SimKO: wrapped: unpacks the policy actor's SimKO dicts into log-probs (kept for make_experience)"
@@ -168,12 +174,81 @@ class UnsupportedVersion(RuntimeError):
     pass
 
 
-def openrlhf_version() -> str | None:
-    """Version of the OpenRLHF that `import openrlhf` finds (metadata is searched in sys.path order)."""
+@dataclass(frozen=True)
+class Detected:
+    """The `openrlhf` package that `import openrlhf` loads, and its version if its metadata vouches for it."""
+
+    location: str | None  # the package's directory; None when OpenRLHF is not importable at all
+    version: str | None  # None when no distribution's file list contains this very package
+    problem: str | None = None  # why the version is unknown, for a loud warning
+
+
+def _package_dir() -> Path | None:
+    """Where `import openrlhf` finds (or found) the package, without importing it."""
+    loaded = sys.modules.get("openrlhf")
+    origin = getattr(loaded, "__file__", None) if loaded is not None else None
+    if origin is None:
+        for finder in sys.meta_path:  # skip ours: their find_spec would ask for the version again
+            if type(finder).__module__.startswith("openrlhf_passk") or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec("openrlhf", None)
+            if spec is not None:
+                origin = spec.origin
+                break
+    return Path(origin).resolve().parent if origin else None
+
+
+def _owns(dist: importlib.metadata.Distribution, package: Path) -> bool:
+    """True when `dist` installed `package`: its RECORD lists package/__init__.py at that place, or it is
+    an editable install (PEP 610 direct_url.json) of the checkout that contains the package."""
+    init = package / "__init__.py"
+    for file in dist.files or ():
+        if file.as_posix() == "openrlhf/__init__.py" and Path(dist.locate_file(file)).resolve() == init:
+            return True
     try:
-        return importlib.metadata.version("openrlhf")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+        direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    except ValueError:
+        return False
+    url = direct.get("url", "")
+    if direct.get("dir_info", {}).get("editable") and url.startswith("file://"):
+        return package.is_relative_to(Path(urllib.parse.unquote(url[len("file://"):])).resolve())
+    return False
+
+
+@functools.cache
+def detect_openrlhf() -> Detected:
+    """Version of the `openrlhf` package that is really imported (cached per process).
+
+    Reading only the metadata is not enough: a source checkout on PYTHONPATH shadows a wheel of another
+    version, and the metadata found first then names the wrong layout. So the metadata counts only if
+    its file list holds the package that imports. A `pip install --target DIR` copy on PYTHONPATH has its
+    own dist-info in DIR and matches.
+    """
+    package = _package_dir()
+    if package is None:
+        return Detected(None, None)
+    dists = list(importlib.metadata.distributions(name="openrlhf"))
+    for dist in dists:
+        if _owns(dist, package):
+            return Detected(str(package), dist.version)
+    fix = (
+        "install that copy (pip install -e <checkout>, or pip install --target with its metadata) or take "
+        "it off PYTHONPATH. OPENRLHF_PASSK_DISABLE=1 runs OpenRLHF without the extension"
+    )
+    if dists:
+        found = ", ".join(f"{d.version} at {d.locate_file('')}" for d in dists)
+        problem = (
+            f"the openrlhf package that Python imports ({package}) belongs to none of the installed OpenRLHF "
+            f"distributions ({found}), so its version is unknown; {fix}"
+        )
+    else:
+        problem = f"no package metadata (dist-info) found for the openrlhf package at {package}; {fix}"
+    return Detected(str(package), None, problem)
+
+
+def openrlhf_version() -> str | None:
+    """Version of the OpenRLHF that `import openrlhf` loads; None if unknown (see `detect_openrlhf`)."""
+    return detect_openrlhf().version
 
 
 def layout(version: str | None = None) -> Layout:

@@ -41,6 +41,18 @@ print_cmd() {
     echo "$out"
 }
 
+# need_shell_safe WHAT ARGS...: every argument must survive `ray job submit`, which joins the entrypoint
+# with Windows-style quoting (subprocess.list2cmdline) and runs it with shell=True on the head: '&', '$',
+# ';', quotes or spaces would be read by that shell. Secrets belong in env vars (Secrets), never in flags.
+need_shell_safe() {
+    local what=$1 arg
+    shift
+    for arg in "$@"; do
+        [[ $arg =~ ^[A-Za-z0-9_./:=,@+%-]+$ ]] ||
+            die "$what: '$arg' has characters a shell would interpret (ray job submit runs the command with shell=True); use a value of letters, digits and ._/:=,@+%- only"
+    done
+}
+
 # run_or_print ARGS...: print the command; run it unless DRY_RUN=1 (print-only mode, used by the tests).
 run_or_print() {
     print_cmd "$@"

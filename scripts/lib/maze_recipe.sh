@@ -12,7 +12,15 @@ build_maze_recipe() {
 
     PYTHON=${PYTHON:-python3}
     ESTIMATOR=${ESTIMATOR:-passk}
+    NUM_NODES=${NUM_NODES:-1}
+    GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+    need_int NUM_NODES 1
+    need_int GPUS_PER_NODE 1
+    # A ZeRO-3 checkpoint only loads at the world size that wrote it, so the run name (and with it the
+    # checkpoint folder) always ends in the cluster size: a rerun at another size starts its own run.
+    local size="${NUM_NODES}x${GPUS_PER_NODE}"
     RUN_NAME=${RUN_NAME:-$ESTIMATOR-maze}
+    [[ $RUN_NAME == *-"$size" ]] || RUN_NAME+="-$size"
     MODEL=${MODEL:-Qwen/Qwen2.5-7B-Instruct}
     DATA_DIR=${DATA_DIR:-data/maze}
     # A .py path runs the reward in-process on the rollout workers; an http(s) URL uses the reward server.
@@ -36,8 +44,6 @@ build_maze_recipe() {
     MAX_LEN=${MAX_LEN:-5120}
     MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-4096}
     SEED=${SEED:-42}
-    NUM_NODES=${NUM_NODES:-1}
-    GPUS_PER_NODE=${GPUS_PER_NODE:-8}
     VLLM_TP=${VLLM_TP:-1}
     VLLM_GPU_MEM=${VLLM_GPU_MEM:-0.6}
     ZERO_STAGE=${ZERO_STAGE:-3}
@@ -46,6 +52,10 @@ build_maze_recipe() {
     EVAL_STEPS=${EVAL_STEPS:-20}
     EVAL_N_SAMPLES=${EVAL_N_SAMPLES:-8}
     EVAL_TEMPERATURE=${EVAL_TEMPERATURE:-1.0}
+    # Weights & Biases: set WANDB_PROJECT to log there too. The key is read from WANDB_API_KEY by wandb
+    # itself; the flag only switches OpenRLHF's logger on (it needs a non-empty value, which OpenRLHF
+    # prints with its args, so the flag carries a placeholder, never the key).
+    WANDB_PROJECT=${WANDB_PROJECT:-}
 
     [[ $ESTIMATOR =~ ^[a-z0-9_]+$ ]] || die "ESTIMATOR must be an estimator name like passk or group_norm, got '$ESTIMATOR'"
     [[ $RUN_NAME =~ ^[A-Za-z0-9._-]+$ ]] || die "RUN_NAME may hold only letters, digits, '.', '_' and '-', got '$RUN_NAME'"
@@ -76,6 +86,10 @@ build_maze_recipe() {
     ((TRAIN_BATCH_SIZE % (MICRO_TRAIN_BATCH_SIZE * gpus) == 0)) ||
         die "TRAIN_BATCH_SIZE ($TRAIN_BATCH_SIZE) must be a multiple of MICRO_TRAIN_BATCH_SIZE * GPUs ($((MICRO_TRAIN_BATCH_SIZE * gpus)))"
 
+    [[ $REWARD_URL != *token=* ]] ||
+        die "REWARD_URL must not carry the token (it would be printed and stored with the job): set OPENRLHF_PASSK_REWARD_TOKEN where the trainer runs instead"
+    [[ -z $WANDB_PROJECT || $WANDB_PROJECT =~ ^[A-Za-z0-9._-]+$ ]] ||
+        die "WANDB_PROJECT may hold only letters, digits, '.', '_' and '-', got '$WANDB_PROJECT'"
     [[ $REWARD_URL =~ ^https?:// || $REWARD_URL == *.py ]] ||
         die "REWARD_URL must be an http(s):// URL of the reward server or a path to a .py reward file, got '$REWARD_URL'"
     # Paths are checked where they are used; a submission to a remote cluster sets CHECK_LOCAL_PATHS=0
@@ -144,6 +158,10 @@ build_maze_recipe() {
             --eval.temperature "$EVAL_TEMPERATURE"
         )
     fi
+    if [[ -n $WANDB_PROJECT ]]; then
+        TRAIN_CMD+=(--logger.wandb.key from-env:WANDB_API_KEY --logger.wandb.project "$WANDB_PROJECT"
+            --logger.wandb.run_name "$RUN_NAME")
+    fi
     # EXTRA_ARGS: any further OpenRLHF flags, split on whitespace (e.g. "--data.max_samples 1000").
     local extra=()
     read -r -a extra <<<"${EXTRA_ARGS:-}"
@@ -160,6 +178,24 @@ require_openrlhf_011() {
         die "these scripts use OpenRLHF 0.11 flag names, but $PYTHON has openrlhf $version: pip install 'openrlhf[vllm]==0.11.2'"
 }
 
+# OpenRLHF places all GPU actors before it starts and waits on the placement group without a timeout, so
+# a single machine with fewer GPUs than GPUS_PER_NODE would hang forever: count them first. Runs on a
+# Ray cluster (NUM_NODES > 1 or RAY_ADDRESS set) check the cluster instead (train_passk_slurm.sh waits
+# for every GPU; KubeRay starts a fixed number of GPU workers).
+require_local_gpus() {
+    if ((NUM_NODES > 1)) || [[ -n ${RAY_ADDRESS:-} || ${CHECK_GPUS:-1} != 1 ]]; then
+        return 0
+    fi
+    local count
+    if command -v nvidia-smi >/dev/null; then
+        count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+    else
+        count=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null) || count=0
+    fi
+    ((count >= GPUS_PER_NODE)) ||
+        die "GPUS_PER_NODE=$GPUS_PER_NODE but this machine shows $count GPU(s): set GPUS_PER_NODE=$count (and a TRAIN_BATCH_SIZE that fits), or CHECK_GPUS=0 to skip this check"
+}
+
 # The tail of both train scripts: check the installed OpenRLHF, build the command, then run it (or only
 # print it with DRY_RUN=1). Kept here so that passk and grpo runs can never drift apart.
 run_maze_training() {
@@ -169,6 +205,10 @@ run_maze_training() {
     fi
     build_maze_recipe
     if [[ ${DRY_RUN:-0} != 1 ]]; then
+        require_local_gpus
+        if [[ -n $WANDB_PROJECT && -z ${WANDB_API_KEY:-} ]]; then
+            die "WANDB_PROJECT is set but WANDB_API_KEY is not: export WANDB_API_KEY (never pass the key as a flag)"
+        fi
         mkdir -p "$CKPT_DIR" "$LOG_DIR"
     fi
     run_or_print "${TRAIN_CMD[@]}"

@@ -1,0 +1,216 @@
+"""Stand-ins for vllm/flash_attn (contract C1) and the modes that hooks arm: the dry run and CPU mode (C2).
+
+The finder is tried on made-up package names in this process (the test stubs provide the real names here);
+one child process runs the real dry run without the stubs and checks that CPU mode stays unimported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from openrlhf_passk.integration import config, hooks, standins, upstream
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE = "openrlhf_passk_fake_vllm"
+TARGET = "openrlhf.passk_test_cpu_target"  # never a real OpenRLHF module
+
+
+@pytest.fixture
+def finder(monkeypatch):
+    """A stand-in finder for FAKE only, removed afterwards with everything it served."""
+    monkeypatch.setattr(standins, "PACKAGES", (FAKE, "openrlhf_passk_fake_real"))
+    before = list(sys.meta_path)
+    standins.install("unit test")
+    yield standins.installed()
+    sys.meta_path[:] = before
+    for name in [n for n in sys.modules if n.startswith(FAKE) or n.startswith("openrlhf_passk_fake_real")]:
+        del sys.modules[name]
+
+
+def test_standin_imports_but_every_use_raises(finder, capsys):
+    import openrlhf_passk_fake_vllm as fake
+    from openrlhf_passk_fake_vllm.distributed.utils import StatelessProcessGroup
+
+    assert fake.__openrlhf_passk_standin__ == "unit test"
+    assert sys.modules[f"{FAKE}.distributed.utils"].__openrlhf_passk_standin__ == "unit test"
+    assert "stand-in" in repr(fake) and "unit test" in repr(fake)
+    assert f"{FAKE} is not installed: using a stand-in" in capsys.readouterr().err
+    uses = {
+        "call": lambda: StatelessProcessGroup(1, 2),
+        "instantiate": lambda: fake.LLM(model="m"),
+        "nested attribute": lambda: fake.AsyncLLMEngine.from_engine_args(None),
+        "subclass": lambda: _subclass(fake.LLM),
+    }
+    for fn in uses.values():
+        with pytest.raises(RuntimeError, match=r"is a stand-in \(unit test\): vLLM/flash-attn is not installed"):
+            fn()
+    assert not isinstance(object(), fake.LLM) and not issubclass(int, fake.LLM)  # type checks only say no
+    # Dunders stay absent, so version probes (transformers, getattr defaults) see "not a real install".
+    assert getattr(fake, "__version__", None) is None and getattr(fake, "__file__", None) is None
+    clone = pickle.loads(pickle.dumps(fake.SamplingParams))  # Ray may ship a module global that holds one
+    with pytest.raises(RuntimeError, match=f"{FAKE}.SamplingParams is a stand-in"):
+        clone(n=2)
+
+
+def _subclass(base):
+    class Engine(base):  # noqa: D101 (must raise while the class statement runs)
+        pass
+
+    return Engine
+
+
+def test_install_is_idempotent_and_keeps_the_first_reason(finder):
+    standins.install("second")
+    assert [f for f in sys.meta_path if isinstance(f, standins.StandinFinder)] == [finder]
+    assert finder.reason == "unit test"
+    assert sys.meta_path[-1] is finder  # last: every real installation is found first
+
+
+def test_a_real_package_always_wins(finder, tmp_path, monkeypatch):
+    real = tmp_path / "openrlhf_passk_fake_real"
+    real.mkdir()
+    (real / "__init__.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import openrlhf_passk_fake_real
+
+    assert openrlhf_passk_fake_real.VALUE == 42
+    assert not hasattr(openrlhf_passk_fake_real, standins.MARK)
+    with pytest.raises(ModuleNotFoundError):  # a missing submodule of a real package is not stood in for
+        import openrlhf_passk_fake_real.missing  # noqa: F401
+
+
+def test_other_names_are_ignored(finder):
+    assert finder.find_spec("numpy_but_not_really") is None
+    assert finder.find_spec(f"{FAKE}x") is None
+
+
+# --- Contract C2: CPU mode, tested against a fake cpu_mode module ------------------------------------------
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch, tmp_path):
+    """OPENRLHF_PASSK_CPU=1 with a fake cpu_mode whose patch targets a throwaway module, TARGET."""
+    calls: dict[str, list] = {"activate": [], "patched": [], "prepare_args": [], "standins": []}
+    module = types.ModuleType(hooks.CPU_MODE_MODULE)
+    module.activate = lambda: calls["activate"].append(True)
+    module.prepare_args = lambda args: calls["prepare_args"].append(args)
+    module.PATCHES = {TARGET: [lambda mod: calls["patched"].append(mod.__name__)]}
+    (tmp_path / f"{TARGET.rpartition('.')[2]}.py").write_text("X = 1\n")  # found in the `path` given below
+    monkeypatch.setitem(sys.modules, hooks.CPU_MODE_MODULE, module)
+    monkeypatch.setenv(hooks.CPU_ENV, "1")
+    monkeypatch.setattr(hooks, "_cpu_checked", False)
+    monkeypatch.setattr(hooks, "_cpu_module", None)
+    monkeypatch.setattr(hooks, "_supported_layout", lambda: upstream.LAYOUTS["0.11.2"])
+    monkeypatch.setattr(hooks, "_base_patch_table", lambda: {upstream.TRAINER_MODULE: [print]})
+    monkeypatch.setattr(standins, "install", lambda reason: calls["standins"].append(reason))
+    yield calls
+
+
+def test_cpu_mode_activates_once_and_its_patches_run(fake_cpu, tmp_path):
+    assert hooks.find_spec(object(), "openrlhf.some_module", None, None) is None  # not a patched module
+    spec = hooks.find_spec(object(), TARGET, [str(tmp_path)], None)
+    hooks.find_spec(object(), "openrlhf.another", None, None)
+    assert fake_cpu["standins"] == ["CPU mode"] and fake_cpu["activate"] == [True]
+    assert TARGET in hooks.watched_modules() and upstream.TRAINER_MODULE in hooks.watched_modules()
+    assert hooks.patch_table()[TARGET] == tuple(sys.modules[hooks.CPU_MODE_MODULE].PATCHES[TARGET])
+    module = types.ModuleType(TARGET)
+    module.__spec__ = spec
+    spec.loader.exec_module(module)
+    assert module.X == 1 and fake_cpu["patched"] == [TARGET]
+
+
+def test_cpu_mode_patches_outside_openrlhf_are_refused(fake_cpu):
+    sys.modules[hooks.CPU_MODE_MODULE].PATCHES = {"deepspeed.ops": [print]}  # the finder never sees it
+    with pytest.raises(ImportError, match=r"outside openrlhf: \['deepspeed.ops'\]"):
+        hooks.patch_table()
+
+
+def test_cpu_mode_prepares_the_parsed_training_args(fake_cpu, monkeypatch):
+    layout = upstream.LAYOUTS["0.11.2"]
+    parsed = argparse.Namespace(marker="from parse_training_args")
+    monkeypatch.setattr(config, "parse_training_args", lambda parser, original, lay, args, ns: parsed)
+    monkeypatch.setattr(upstream, "layout", lambda version=None: layout)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", argparse.ArgumentParser.parse_args)
+    hooks._wrap_parse_args()
+    other = argparse.ArgumentParser()
+    other.add_argument("--x", default=3)
+    assert other.parse_args([]).x == 3 and fake_cpu["prepare_args"] == []  # not OpenRLHF's parser: untouched
+    training = argparse.ArgumentParser()
+    training.add_argument(layout.estimator_flag, default="group_norm")
+    assert training.parse_args([]) is parsed
+    assert fake_cpu["prepare_args"] == [parsed] and fake_cpu["activate"] == [True]
+
+
+def test_without_the_variable_cpu_mode_is_not_touched(monkeypatch):
+    monkeypatch.delenv(hooks.CPU_ENV, raising=False)
+    monkeypatch.setattr(hooks, "_cpu_checked", False)
+    monkeypatch.setattr(hooks, "_cpu_module", None)
+    assert hooks._cpu_mode() is None and hooks.watched_modules() == upstream.PATCHED_MODULES
+    for value, expected in [("1", True), ("true", True), ("0", False), ("", False), ("no", False)]:
+        monkeypatch.setenv(hooks.CPU_ENV, value)
+        assert hooks.cpu_requested() is expected
+
+
+# A child without tests/stubs on the path: the README's dry run on the plain `make install` venv. It runs
+# OpenRLHF's CLI as `python -m` does, then imports every module we patch, and reports what got imported.
+DRY_RUN_CHILD = """
+import json, runpy, sys
+sys.argv = ["train_ppo_ray", *sys.argv[1:]]
+try:
+    runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
+except SystemExit as exc:
+    assert not exc.code, exc.code
+import importlib
+from openrlhf_passk.integration import upstream
+for name in sorted(upstream.PATCHED_MODULES):
+    importlib.import_module(name)
+import vllm, flash_attn.bert_padding
+print(json.dumps({
+    "cpu_code_imported": sorted(n for n in sys.modules if n.startswith("openrlhf_passk.integration.cpu")),
+    "standins": [getattr(vllm, "__openrlhf_passk_standin__", None),
+                 getattr(flash_attn.bert_padding, "__openrlhf_passk_standin__", None)],
+}), file=sys.stderr)
+"""
+
+
+def test_dry_run_works_without_vllm_and_cpu_mode_stays_unimported(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRLHF_PASSK_")}
+    # Only what the user's venv has: no stand-ins directory on the path (an OpenRLHF copy may stay first).
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and "stubs" not in Path(p).parts]
+    env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in paths)
+    env[hooks.DRY_RUN_ENV] = "1"
+    layout = upstream.layout()
+    run = subprocess.run(
+        [sys.executable, "-c", DRY_RUN_CHILD, layout.model_flag, "some-org/some-model", layout.estimator_flag, "passk",
+         "--passk_k", "2", layout.n_samples_flag, "4"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,  # only turns a hang into a failure
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert _last_json(run.stdout)["dry_run"] == "configuration is valid"
+    report = json.loads(run.stderr.strip().splitlines()[-1])
+    assert report == {"cpu_code_imported": [], "standins": ["dry run", "dry run"]}
+    assert "vllm is not installed: using a stand-in that fails if used (dry run)" in run.stderr
+
+
+def _last_json(text: str) -> dict:
+    """The JSON document that ends stdout (it may be indented over many lines)."""
+    starts = [i for i, ch in enumerate(text) if ch == "{" and (i == 0 or text[i - 1] == "\n")]
+    for start in starts:
+        try:
+            return json.loads(text[start:])
+        except ValueError:
+            continue
+    raise AssertionError(f"no JSON document at the end of stdout: {text[-500:]!r}")

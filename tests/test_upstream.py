@@ -1,0 +1,150 @@
+"""Version detection of the OpenRLHF that really imports (issue 15 item 5), on fake installs in temp dirs.
+
+A layout is chosen only when a distribution's file list (RECORD), or its editable-install record, holds
+the very package that `import openrlhf` finds. Anything else warns loudly, and the hooks patch nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from openrlhf_passk.integration import hooks, upstream
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _package(root: Path) -> Path:
+    package = root / "openrlhf"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    return package
+
+
+def _dist_info(root: Path, version: str, record: list[str], direct_url: dict | None = None) -> None:
+    info = root / f"openrlhf-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: openrlhf\nVersion: {version}\n")
+    (info / "RECORD").write_text("".join(f"{path},,\n" for path in [*record, f"{info.name}/METADATA"]))
+    if direct_url is not None:
+        (info / "direct_url.json").write_text(json.dumps(direct_url))
+
+
+def _wheel(root: Path, version: str) -> Path:
+    """What pip leaves: the package and a dist-info whose RECORD lists it (site-packages or --target)."""
+    package = _package(root)
+    _dist_info(root, version, ["openrlhf/__init__.py"])
+    return package
+
+
+@pytest.fixture
+def path(monkeypatch):
+    """Set sys.path to the given dirs (with openrlhf not yet imported); detection is re-run each time."""
+    monkeypatch.delitem(sys.modules, "openrlhf", raising=False)
+
+    def set_path(*dirs: Path) -> upstream.Detected:
+        monkeypatch.setattr(sys, "path", [str(d) for d in dirs])
+        upstream.detect_openrlhf.cache_clear()
+        return upstream.detect_openrlhf()
+
+    yield set_path
+    upstream.detect_openrlhf.cache_clear()
+
+
+def test_the_first_copy_on_the_path_is_the_one_measured(tmp_path, path):
+    target = _wheel(tmp_path / "target", "0.9.10")  # the Makefile's `pip install --target` copy
+    site = _wheel(tmp_path / "site", "0.11.2")
+    assert path(tmp_path / "target", tmp_path / "site") == upstream.Detected(str(target.resolve()), "0.9.10")
+    assert path(tmp_path / "site", tmp_path / "target") == upstream.Detected(str(site.resolve()), "0.11.2")
+
+
+def test_a_source_checkout_over_a_wheel_is_a_mismatch(tmp_path, path):
+    checkout = _package(tmp_path / "checkout")
+    _wheel(tmp_path / "site", "0.11.2")
+    detected = path(tmp_path / "checkout", tmp_path / "site")
+    assert detected.location == str(checkout.resolve()) and detected.version is None
+    assert "belongs to none of the installed OpenRLHF distributions" in detected.problem
+    assert f"0.11.2 at {tmp_path / 'site'}" in detected.problem and str(checkout.resolve()) in detected.problem
+
+
+def test_no_metadata_at_all_is_reported(tmp_path, path):
+    checkout = _package(tmp_path / "checkout")
+    detected = path(tmp_path / "checkout")
+    assert detected.version is None and detected.problem.startswith("no package metadata (dist-info) found")
+    assert str(checkout.resolve()) in detected.problem
+
+
+def test_not_installed_is_no_problem_of_ours(tmp_path, path):
+    assert path(tmp_path) == upstream.Detected(None, None)  # `import openrlhf` fails with Python's own message
+
+
+def test_an_editable_install_matches_its_checkout(tmp_path, path):
+    checkout = _package(tmp_path / "OpenRLHF")
+    url = {"url": (tmp_path / "OpenRLHF").as_uri(), "dir_info": {"editable": True}}
+    _dist_info(tmp_path / "site", "0.11.2", ["__editable__.openrlhf-0.11.2.pth"], url)
+    assert path(tmp_path / "OpenRLHF", tmp_path / "site") == upstream.Detected(str(checkout.resolve()), "0.11.2")
+    # The same record names another checkout: not this package.
+    other = {"url": (tmp_path / "elsewhere").as_uri(), "dir_info": {"editable": True}}
+    (tmp_path / "site" / "openrlhf-0.11.2.dist-info" / "direct_url.json").write_text(json.dumps(other))
+    assert path(tmp_path / "OpenRLHF", tmp_path / "site").version is None
+
+
+def test_an_imported_package_is_measured_where_it_was_loaded_from(tmp_path, path, monkeypatch):
+    _wheel(tmp_path / "site", "0.11.2")
+    loaded = _wheel(tmp_path / "target", "0.9.10")
+    module = types.ModuleType("openrlhf")
+    module.__file__ = str(loaded / "__init__.py")
+    monkeypatch.setitem(sys.modules, "openrlhf", module)
+    assert path(tmp_path / "site", tmp_path / "target").version == "0.9.10"
+
+
+def test_hooks_patch_nothing_and_warn_loudly_on_an_unknown_version(monkeypatch, capsys):
+    problem = "the openrlhf package that Python imports (/src/openrlhf) belongs to none of ..."
+    monkeypatch.setattr(upstream, "detect_openrlhf", lambda: upstream.Detected("/src/openrlhf", None, problem))
+    hooks._supported_layout.cache_clear()
+    try:
+        assert hooks._supported_layout() is None
+        assert hooks.find_spec(object(), upstream.EXPERIENCE_MAKER_MODULE, None, None) is None  # no patch
+    finally:
+        hooks._supported_layout.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("patches NOTHING") == 1 and problem in err and "=" * 78 in err
+
+
+# The real packages: the 0.9.10 copy the Makefile puts first on PYTHONPATH matches; the same code without
+# its dist-info next to it (a source checkout) over the 0.11.2 wheel does not. `import openrlhf` is cheap.
+CHILD = """
+import json, openrlhf
+from openrlhf_passk.integration import hooks, upstream
+print(json.dumps({"detected": upstream.openrlhf_version(), "layout": hooks._supported_layout() is not None}))
+"""
+
+
+@pytest.mark.parametrize("copy_has_metadata", [True, False])
+def test_real_openrlhf_copies(copy_has_metadata, tmp_path):
+    old = REPO / ".venv" / "openrlhf-0.9.10"
+    if not (old / "openrlhf").is_dir():
+        pytest.skip("the OpenRLHF 0.9.10 copy of `make install` is missing")
+    if copy_has_metadata:
+        first = old
+    else:
+        first = tmp_path / "checkout"
+        first.mkdir()
+        (first / "openrlhf").symlink_to(old / "openrlhf")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(first)
+    run = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    if copy_has_metadata:
+        assert result == {"detected": "0.9.10", "layout": True} and "WARNING" not in run.stderr
+    else:
+        assert result == {"detected": None, "layout": False}
+        assert "belongs to none of the installed OpenRLHF distributions" in run.stderr
+        assert "patches NOTHING" in run.stderr
