@@ -72,6 +72,8 @@ def compute(name: str, rewards: torch.Tensor, **params) -> torch.Tensor:
     missing = [p for p, required in keywords.items() if required and p not in params]
     if missing:
         raise ValueError(f"advantage estimator {name!r} needs parameter(s): {', '.join(missing)}")
+    if keywords.get("k") and params["k"] is None:  # the checks below read k=None as "no k to check"
+        raise ValueError(f"advantage estimator {name!r} needs an integer k, got k=None")
     # The estimators of this module validate their input themselves: checking here too would pass over
     # the rewards twice, which costs more than the binary `passk` itself (ALGORITHMS.md section 6).
     if getattr(fn, "__module__", None) != __name__:
@@ -455,14 +457,25 @@ def passk_adaptive(rewards: torch.Tensor, *, k: int, entropy: torch.Tensor, spli
             f"passk_adaptive: split must be a number in [0, 1] (the share of prompts, by highest entropy, "
             f"that get the Pass@1 advantage), got {split!r}"
         )
+    pass1 = adaptive_pass1_mask(ent, split)
+    return torch.where(pass1.unsqueeze(1), grpo(r), passk(r, k=k)).to(rewards.dtype)
+
+
+def adaptive_pass1_mask(entropy: torch.Tensor, split: float) -> torch.Tensor:
+    """(G,) bool: the prompts `passk_adaptive` gives the Pass@1 advantage (inputs validated by it).
+
+    The top floor(G * split + 1/2) prompts by entropy, ties to the lower index. Public so that loggers
+    (the OpenRLHF integration) report exactly the arm the estimator used.
+    """
+    g = entropy.shape[0]
     # Round half up on the decimal value the user wrote (0.7 is 7/10): in floats 45 * 0.7 is
     # 31.499999999999996 and would round down, where 31.5 rounds up.
     n_pass1 = math.floor(g * Fraction(str(split)) + Fraction(1, 2))
     # A stable descending sort keeps equal entropies in index order: the lower index ranks higher.
-    order = torch.sort(ent, descending=True, stable=True).indices
-    pass1 = torch.zeros(g, dtype=torch.bool, device=r.device)
+    order = torch.sort(entropy, descending=True, stable=True).indices
+    pass1 = torch.zeros(g, dtype=torch.bool, device=entropy.device)
     pass1[order[:n_pass1]] = True
-    return torch.where(pass1.unsqueeze(1), grpo(r), passk(r, k=k)).to(rewards.dtype)
+    return pass1
 
 
 def k_schedule(

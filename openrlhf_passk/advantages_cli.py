@@ -3,6 +3,7 @@
 openrlhf-passk advantages
 openrlhf-passk advantages --name passk --k 2 --rewards 1,0,0,1
 openrlhf-passk advantages --name pkpo --k 2 --rewards "1,0,0,1;0.2,0.9,0.5,0.1" --param baseline=loo
+openrlhf-passk advantages --name passk_adaptive --k 2 --rewards "1,0,0,1;1,0,0,0" --entropy 0.4,1.3
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="extra estimator parameter, repeatable (e.g. baseline=loo, num_groups=64, seed=0, reduce=sum)",
+    )
+    parser.add_argument(
+        "--entropy",
+        help="passk_adaptive: each group's mean response token entropy, comma-separated, one per group",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -47,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         names = [args.name] if args.name and advantages.get(args.name) else advantages.available()
         if args.rewards is None:
-            if args.k is not None or args.param:
-                raise ValueError("--k and --param need --rewards (the rewards to compute advantages for)")
+            if args.k is not None or args.param or args.entropy is not None:
+                raise ValueError("--k, --param and --entropy need --rewards (the rewards to compute advantages for)")
             rows = []
             for name in names:
                 fn = advantages.get(name)
@@ -85,7 +90,17 @@ def run(args: argparse.Namespace) -> int:
             params[key] = _value(text)
         if args.k is not None:
             params["k"] = args.k
-        result = advantages.compute(args.name, torch.tensor(groups, dtype=torch.float64), **params)
+        call_params = dict(params)
+        if args.entropy is not None:
+            try:
+                entropy = [float(x) for x in args.entropy.split(",")]
+            except ValueError:
+                raise ValueError(f"--entropy must be comma-separated numbers, got {args.entropy!r}") from None
+            if len(entropy) != len(groups):
+                raise ValueError(f"--entropy needs one number per group ({len(groups)}), got {len(entropy)}")
+            params["entropy"] = entropy
+            call_params["entropy"] = torch.tensor(entropy, dtype=torch.float64)
+        result = advantages.compute(args.name, torch.tensor(groups, dtype=torch.float64), **call_params)
     except ValueError as err:
         print(f"openrlhf-passk advantages: error: {err}", file=sys.stderr)
         return 2

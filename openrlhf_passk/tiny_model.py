@@ -34,15 +34,16 @@ CHAT_TEMPLATE = (
 def build(out: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
     """Write the model and tokenizer to `out` (created; files of the same name are overwritten); return `out`.
 
-    ValueError names the parameter when layers is not in 1..64 or hidden not a multiple of 16 in 16..4096.
+    ValueError names the parameter when layers is not in 1..64, hidden not a multiple of 16 in 16..4096,
+    or seed outside 0..2**63 - 1.
     """
     for name, value, low, high in (("layers", layers, 1, 64), ("hidden", hidden, 16, 4096)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
     if hidden % HEAD_DIM:
         raise ValueError(f"hidden must be a multiple of {HEAD_DIM} (the attention head size), got {hidden}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer from 0 to 2**63 - 1 (torch.manual_seed's range), got {seed!r}")
 
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -512,6 +512,7 @@ GOOD = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
         ("passk", GOOD, {"k": 1, "kk": 2}, r"unknown parameter\(s\) kk for advantage estimator 'passk'"),
         ("grpo", GOOD, {"k": 2}, r"unknown parameter\(s\) k .*'grpo'; it accepts: no parameters"),
         ("passk", GOOD, {}, r"'passk' needs parameter\(s\): k"),
+        ("pkpo", GOOD, {"k": None}, r"'pkpo' needs an integer k, got k=None"),
         ("nope", GOOD, {}, r"unknown advantage estimator 'nope'; available: grpo, passk"),
     ],
 )

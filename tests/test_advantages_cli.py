@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from openrlhf_passk import advantages
 from openrlhf_passk.cli import main
@@ -36,6 +37,19 @@ def test_computes_advantages_for_given_rewards(capsys) -> None:
     assert "0.5000" in out and "0.3333" in out  # k/N = 1/2 correct; (k/N) rho(3, 2, 1) = 1/2 * 2/3 wrong
 
 
+def test_adaptive_takes_one_entropy_per_group(capsys) -> None:
+    argv = ["advantages", "--name", "passk_adaptive", "--k", "2", "--rewards", "1,0,0,1;1,0,0,0"]
+    assert main([*argv, "--entropy", "0.4,1.3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    # G = 2, split 0.5: the higher-entropy group (the second) gets grpo, the first passk (+-1/sqrt(5)).
+    assert data["advantages"][0] == pytest.approx([5**-0.5, -(5**-0.5), -(5**-0.5), 5**-0.5])
+    grpo = advantages.compute("grpo", torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64))
+    assert data["advantages"][1] == pytest.approx(grpo[0].tolist())
+    assert data["params"] == {"k": 2, "entropy": [0.4, 1.3]}
+    assert main([*argv]) == 2
+    assert "needs parameter(s): entropy" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -46,7 +60,9 @@ def test_computes_advantages_for_given_rewards(capsys) -> None:
         (["--name", "passk", "--k", "1", "--rewards", "1,0", "--param", "oops"], "KEY=VALUE"),
         (["--name", "passk", "--k", "1", "--rewards", "1,0", "--param", "m=2"], "unknown parameter(s) m"),
         (["--rewards", "1,0"], "--rewards needs --name"),
-        (["--k", "2"], "--k and --param need --rewards"),
+        (["--k", "2"], "--k, --param and --entropy need --rewards"),
+        (["--name", "passk_adaptive", "--k", "1", "--rewards", "1,0;0,1", "--entropy", "1"], "one number per group"),
+        (["--name", "passk_adaptive", "--k", "1", "--rewards", "1,0", "--entropy", "a"], "--entropy must be"),
         (["--name", "passk_combination", "--k", "1", "--rewards", "1,0.5"], "must be binary"),
     ],
 )

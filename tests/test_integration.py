@@ -1,8 +1,8 @@
 """OpenRLHF integration against the REAL OpenRLHF installed in .venv (0.11.2, or 0.9.10 when its copy is
 first on PYTHONPATH: `make test` runs this file under both). Only flash_attn/vllm are CPU stand-ins.
 
-The CLI checks run `python -m openrlhf.cli.train_ppo_ray` in subprocesses (started together, as each
-one imports OpenRLHF for ~15 s); the experience-maker checks call the real
+The CLI checks run `python -m openrlhf.cli.train_ppo_ray` commands one after another in one child process
+(see HARNESS: OpenRLHF is imported once, ~13 s of CPU); the experience-maker checks call the real
 RemoteExperienceMaker.compute_advantages_and_returns in this process.
 """
 
@@ -187,6 +187,78 @@ RUNS = {
         {"OPENRLHF_PASSK_DRY_RUN": "1"},
     ),
 }
+PASSK8 = ["--advantage_estimator", "passk", "--passk_k", "8"]
+DRY = {"OPENRLHF_PASSK_DRY_RUN": "1"}
+RUNS.update(
+    {
+        # Local paths are checked; hub ids only warn (nothing can be checked offline).
+        "missing_model": (CLI + _flags(model="/models/does-not-exist") + PASSK8, DRY),
+        "model_dir_without_config": (CLI + _flags(model="data") + PASSK8, DRY),
+        "missing_data": (CLI + _flags(data="data/nope.jsonl") + PASSK8, DRY),
+        "wrong_input_key": (CLI + _flags(input_key="question") + PASSK8, DRY),
+        "wrong_label_key": (CLI + _flags(label_key="answer") + PASSK8, DRY),
+        "json_and_hub_data": (CLI + _flags(data="data/maze_train.json,org/hub-prompts") + PASSK8, DRY),
+        # Binary-only estimators with OpenRLHF's length penalties (both versions' spellings via LENGTH).
+        "overlong_combination": (
+            CLI + _flags() + ["--advantage_estimator", "passk_combination", "--passk_k", "8", "--LEN_BUF", "512"],
+            DRY,
+        ),
+        "stop_properly_exceed": (
+            CLI + _flags() + ["--advantage_estimator", "passk_exceed", "--passk_k", "8", "--LEN_STOP", "-0.5"],
+            DRY,
+        ),
+        "overlong_passk": (CLI + _flags() + PASSK8 + ["--LEN_BUF", "512"], DRY),
+        "adaptive": (
+            CLI
+            + _flags()
+            + ["--advantage_estimator", "passk_adaptive", "--passk_k", "8"]
+            + ["--passk_adaptive_split", "0.25"],
+            DRY,
+        ),
+        # Colocated: actor GPUs (4 x 8) must equal vLLM engines x TP; OpenRLHF checks it only in train().
+        "colocate_mismatch": (CLI + _flags(engines=8) + PASSK8, DRY),
+    }
+)
+for _name, (_cmd, _env) in RUNS.items():
+    _cmd[:] = [
+        {"--LEN_BUF": f"--{'reward.' if V011 else ''}overlong_buffer_len",
+         "--LEN_STOP": f"--{'reward.' if V011 else ''}stop_properly_penalty_coef"}.get(a, a)
+        for a in _cmd
+    ]  # fmt: skip
+
+
+# Runs every command above in ONE child process, one after another: OpenRLHF is imported once (~13 s of
+# CPU) instead of once per command, so the module's CPU need stays small on a loaded 2-core machine.
+# Each command runs as `python -m` would run it (runpy, as __main__), with its own argv, environment,
+# captured stdout/stderr and exit code; an uncaught exception goes through sys.excepthook, as at exit.
+HARNESS = """
+import contextlib, io, json, os, runpy, sys
+results = {}
+for name, argv, env in json.load(sys.stdin):
+    saved_env, hook = dict(os.environ), sys.excepthook
+    os.environ.update(env)
+    sys.argv = [argv[0], *argv[1:]]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                code = exc.code or 0
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            code = 1
+    sys.excepthook = hook
+    os.environ.clear()
+    os.environ.update(saved_env)
+    results[name] = {"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+print(json.dumps(results))
+"""
+# Commands that need a fresh interpreter (the .pth switched off at start) run in their own process.
+OWN_PROCESS = {"entry_point"}
 
 
 @pytest.fixture(scope="module")
@@ -199,17 +271,117 @@ def cli_runs(tmp_path_factory):
     for key in ("OPENRLHF_PASSK_DRY_RUN", "OPENRLHF_PASSK_DISABLE"):
         env.pop(key, None)
     cwd = tmp_path_factory.mktemp("cli")
-    procs = {
-        name: subprocess.Popen(
-            cmd, env={**env, **extra}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for name, (cmd, extra) in RUNS.items()
-    }
-    out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=240)
-        out[name] = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
+    # The prompt data the commands name (relative to cwd), as JSON lines and as a JSON list.
+    rows = [{"prompt": f"maze {i}", "label": f"solution {i}"} for i in range(3)]
+    (cwd / "data").mkdir()
+    (cwd / "data" / "maze_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (cwd / "data" / "maze_train.json").write_text(json.dumps(rows))
+    # No tight timeout: the limit only turns a hang into a failure.
+    shared = [(name, cmd[2:], extra) for name, (cmd, extra) in RUNS.items() if name not in OWN_PROCESS]
+    proc = subprocess.run(
+        [sys.executable, "-c", HARNESS],
+        input=json.dumps(shared),
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = {name: SimpleNamespace(**run) for name, run in json.loads(proc.stdout.splitlines()[-1]).items()}
+    for name in OWN_PROCESS:
+        cmd, extra = RUNS[name]
+        run = subprocess.run(cmd, env={**env, **extra}, cwd=cwd, capture_output=True, text=True, timeout=1800)
+        out[name] = SimpleNamespace(returncode=run.returncode, stdout=run.stdout, stderr=run.stderr)
     return out
+
+
+def _report(run) -> dict:
+    """The dry run's report: strict JSON (no NaN / Infinity), and the last thing on stdout."""
+    text = ("\n" + run.stdout)[("\n" + run.stdout).rindex("\n{\n") + 1 :]
+
+    def reject(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=reject)  # trailing output after the report fails here too
+
+
+def _refused(run, *needles):
+    assert run.returncode == 2, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
+    assert "Traceback" not in run.stderr and "configuration is valid" not in run.stdout
+    for needle in needles:
+        assert needle in run.stderr, (needle, run.stderr[-2000:])
+
+
+def _spelling(dest011: str, dest09: str) -> str:
+    return f"--{dest011 if V011 else dest09}"
+
+
+def test_dry_run_report_sizes_and_strict_json(cli_runs):
+    report = _report(cli_runs["dry_run"])
+    # 4 nodes x 8 GPUs, all colocated with 16 engines x TP 2; 128 prompts x 32 samples; train batch 1024.
+    assert report["sizes"] == {
+        "actor_gpus": 32,
+        "vllm_engines_x_tp": 32,
+        "gpus_requested": 32,
+        "samples_per_rollout": 4096,
+        "optimizer_steps_per_rollout": 4,
+    }
+    if V011:
+        assert report["args"]["ckpt"]["max_mem"] == "inf"  # float("inf") default, as a string
+    model = _spelling("actor.model_name_or_path", "pretrain")
+    data = _spelling("data.prompt_dataset", "prompt_data")
+    assert {"flag": model, "source": "Qwen/Qwen2.5-7B-Instruct", "check": "hub id, not checked offline"} in (
+        report["inputs"]
+    )
+    assert {"flag": data, "source": "data/maze_train.jsonl", "check": "first 3 rows have the keys"} in report["inputs"]
+    assert any("Qwen/Qwen2.5-7B-Instruct" in w and "not checked offline" in w for w in report["warnings"])
+
+
+def test_dry_run_refuses_missing_local_inputs(cli_runs):
+    model = _spelling("actor.model_name_or_path", "pretrain")
+    data = _spelling("data.prompt_dataset", "prompt_data")
+    _refused(cli_runs["missing_model"], f"{model} '/models/does-not-exist' does not exist")
+    _refused(cli_runs["model_dir_without_config"], f"{model} 'data' is a directory without config.json")
+    _refused(cli_runs["missing_data"], f"{data} 'data/nope.jsonl' does not exist")
+    input_key = _spelling("data.input_key", "input_key")
+    label_key = _spelling("data.label_key", "label_key")
+    _refused(cli_runs["wrong_input_key"], f"row 0 has no 'question' field ({input_key})", "['label', 'prompt']")
+    _refused(cli_runs["wrong_label_key"], f"row 0 has no 'answer' field ({label_key})")
+
+
+def test_dry_run_reads_json_lists_and_warns_on_hub_datasets(cli_runs):
+    run = cli_runs["json_and_hub_data"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = _report(run)
+    data = _spelling("data.prompt_dataset", "prompt_data")
+    assert {"flag": data, "source": "data/maze_train.json", "check": "first 3 rows have the keys"} in report["inputs"]
+    assert {"flag": data, "source": "org/hub-prompts", "check": "hub dataset, not checked offline"} in report["inputs"]
+
+
+def test_binary_only_estimators_refuse_length_penalties(cli_runs):
+    buffer_len = _spelling("reward.overlong_buffer_len", "overlong_buffer_len")
+    stop = _spelling("reward.stop_properly_penalty_coef", "stop_properly_penalty_coef")
+    _refused(cli_runs["overlong_combination"], "passk_combination needs 0/1 rewards", f"{buffer_len} 512")
+    _refused(cli_runs["stop_properly_exceed"], "passk_exceed needs 0/1 rewards", f"{stop} -0.5")
+    # passk takes any reward: the same penalty is fine there.
+    assert cli_runs["overlong_passk"].returncode == 0, cli_runs["overlong_passk"].stderr[-3000:]
+
+
+def test_adaptive_dry_run_explains_the_flag(cli_runs):
+    run = cli_runs["adaptive"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    passk = _report(run)["passk"]
+    assert passk["estimator"] == "passk_adaptive" and passk["params_at_step_0"] == {"k": 8, "split": 0.25}
+    assert passk["adaptive_split"] == 0.25 and "round(G * 0.25)" in passk["adaptive_rule"]
+    assert "rollout time" in passk["entropy"]
+    # N = 32, k = 8: a group learns nothing in both arms only if all its samples agree (c = 0 or 32).
+    assert passk["zero_advantage_correct_counts"]["8"] == "0, 32"
+
+
+def test_dry_run_runs_train_colocation_check(cli_runs):
+    engines = _spelling("vllm.num_engines", "vllm_num_engines")
+    _refused(cli_runs["colocate_mismatch"], "OpenRLHF's train() would reject this", f"{engines} x ", "= 16")
 
 
 def test_help_lists_our_estimators_and_flags(cli_runs):
@@ -233,7 +405,7 @@ def test_help_lists_our_estimators_and_flags(cli_runs):
 def test_realistic_multinode_dry_run_exits_0(cli_runs):
     run = cli_runs["dry_run"]
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout[run.stdout.index("{") :])
+    report = _report(run)
     assert report["openrlhf"] == VERSION
     assert report["passk"]["estimator"] == "passk"
     assert report["passk"]["params_at_step_0"] == {"k": 8}
@@ -248,7 +420,7 @@ def test_realistic_multinode_dry_run_exits_0(cli_runs):
 def test_mission_command_dry_run_notes_unreachable_reward_server(cli_runs):
     run = cli_runs["mission_dry_run"]
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout[run.stdout.index("{") :])
+    report = _report(run)
     assert report["passk"]["estimator"] == "passk" and report["passk"]["params_at_step_0"] == {"k": 8}
     assert report["passk"]["n_samples_per_prompt"] == 32
     args = report["args"]
@@ -277,7 +449,7 @@ def test_reward_server_down_stops_before_ray(cli_runs):
 
 
 def test_dry_run_checks_reward_file(cli_runs):
-    report = json.loads(cli_runs["dry_run"].stdout[cli_runs["dry_run"].stdout.index("{") :])
+    report = _report(cli_runs["dry_run"])
     assert report["reward"] == [
         {"source": MAZE_REWARD, "kind": "reward_func file", "check": "loads, defines reward_func"}
     ]
@@ -293,7 +465,7 @@ def test_k_larger_than_n_exits_nonzero_with_message(cli_runs):
 def test_explicit_entry_point_works_with_pth_disabled(cli_runs):
     run = cli_runs["entry_point"]
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout[run.stdout.index("{") :])
+    report = _report(run)
     assert report["passk"]["k_schedule"]["k_values"] == [8, 2]
     assert report["passk"]["estimator"] == "passk_full"
 
@@ -475,13 +647,20 @@ def _info(experiences, key):
     return torch.tensor([values[i] for i in range(G * N)], dtype=torch.float64).view(G, N)
 
 
+def _seed_at(seed: int, step: int) -> int:
+    """The per-step seed the integration promises (README): SeedSequence([seed, step]), 63 bits."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0]) >> 1
+
+
 CASES = [
     ("passk", ["--passk_k", "3"], {"k": 3}),
     ("passk_full", ["--passk_k", "4"], {"k": 4}),
     (
         "passk_bootstrap",
         ["--passk_k", "3", "--passk_num_groups", "16", "--passk_seed", "7"],
-        {"k": 3, "num_groups": 16, "seed": 7},
+        {"k": 3, "num_groups": 16, "seed": _seed_at(7, 0)},
     ),
     ("pkpo", ["--passk_k", "4", "--passk_baseline", "loo"], {"k": 4, "baseline": "loo"}),
     ("passk_combination", ["--passk_k", "2"], {"k": 2}),
@@ -572,6 +751,57 @@ def test_k_schedule_follows_global_step():
         assert torch.allclose(adv[mask], expected.view(-1)[N + 1].expand(int(mask.sum())), atol=1e-6)
 
 
+def test_bootstrap_seed_differs_per_step_and_reproduces():
+    """--passk_seed alone would draw the same subsets at every step; each step derives its own seed."""
+    argv = ["--passk_k", "3", "--passk_num_groups", "4", "--passk_seed", "7"]
+    rewards = _binary_rewards()
+
+    def advantages_at(step):
+        experiences, _ = _run(_args("passk_bootstrap", passk_argv=argv), rewards, step=step)
+        return torch.stack([adv[mask][0] for adv, mask in _per_sample(experiences, "advantages")])
+
+    step3 = advantages_at(3)
+    assert torch.equal(step3, advantages_at(3))
+    assert not torch.equal(step3, advantages_at(4))
+    expected = advantages.compute("passk_bootstrap", rewards, k=3, num_groups=4, seed=_seed_at(7, 3))
+    assert torch.allclose(step3, expected.view(-1), atol=1e-6)
+    with pytest.raises(ValueError, match="--passk_seed must be an integer >= 0"):
+        config.resolve(_args("passk_bootstrap", passk_argv=["--passk_k", "3", "--passk_seed", "-1"]), LAYOUT)
+
+
+def _with_entropy(experiences, per_sample: torch.Tensor):
+    """What the policy actors' capture leaves on each Experience: its responses' mean token entropy."""
+    for e in experiences:
+        e.info["passk/entropy"] = per_sample[torch.tensor(e.index)].float()
+    return experiences
+
+
+def test_adaptive_takes_prompt_entropies_in_index_order():
+    rewards = _binary_rewards()
+    per_sample = torch.rand(G * N, generator=torch.Generator().manual_seed(9))
+    args = _args("passk_adaptive", passk_argv=["--passk_k", "3", "--passk_adaptive_split", "0.5"])
+    maker = _maker(args)
+    experiences = _with_entropy(maker.split_rollout_samples(_rollout(rewards)), per_sample)
+    experiences = maker.compute_advantages_and_returns(experiences)
+    entropy = per_sample.view(G, N).mean(-1)
+    expected = advantages.compute("passk_adaptive", rewards, k=3, entropy=entropy, split=0.5)
+    for i, (adv, mask) in enumerate(_per_sample(experiences, "advantages")):
+        assert torch.allclose(adv[mask], expected.view(-1)[i].expand(int(mask.sum())), atol=1e-6), i
+    # Logged per step: the Pass@1 share (3 of 6 prompts) and a split point between the two arms.
+    assert _info(experiences, "passk/adaptive_pass1_frac").mean().item() == pytest.approx(0.5)
+    point = _info(experiences, "passk/adaptive_entropy_split")[0, 0].item()
+    top = entropy.argsort(descending=True)
+    assert entropy[top[3]] < point < entropy[top[2]]
+
+
+def test_adaptive_without_entropy_is_a_clear_error():
+    args = _args("passk_adaptive", passk_argv=["--passk_k", "3"])
+    with pytest.raises(RuntimeError, match=r"the 'passk_adaptive' advantage estimator needs each response's token "):
+        _run(args, _binary_rewards())
+    with pytest.raises(ValueError, match="--passk_param entropy=... is not a setting"):
+        config.resolve(_args("passk_adaptive", passk_argv=["--passk_k", "3", "--passk_param", "entropy=1"]), LAYOUT)
+
+
 def test_trainer_hands_global_step_to_experience_maker():
     from openrlhf.trainer.ppo_trainer import BasePPOTrainer
 
@@ -627,6 +857,29 @@ def test_validation_messages():
     assert len(warnings) == 1 and "EVERY group" in warnings[0]
     summary, warnings = check("passk", ["--passk_k", "2"])
     assert warnings == [] and summary["zero_advantage_correct_counts"]["2"] == f"0, {N - 1}-{N}"
+    with pytest.raises(ValueError, match="--passk_adaptive_split does not apply to the 'passk' estimator"):
+        check("passk", ["--passk_k", "2", "--passk_adaptive_split", "0.5"])
+    with pytest.raises(ValueError, match=r"split must be a number in \[0, 1\]"):
+        check("passk_adaptive", ["--passk_k", "2", "--passk_adaptive_split", "1.5"])
+
+
+@pytest.mark.parametrize(
+    "estimator,coef,refused",
+    [("passk_combination", -0.5, True), ("passk_exceed", 0.5, True), ("passk_combination", 0.0, False),
+     ("passk_combination", 1.0, False), ("passk", -0.5, False), ("pkpo", 0.5, False)],
+)  # fmt: skip
+def test_stop_properly_penalty_with_binary_only_estimators(estimator, coef, refused):
+    """Coefficient 0 maps a truncated 1 to 0 and 1 changes nothing: rewards stay 0/1, so both pass."""
+    args = _args(estimator, passk_argv=["--passk_k", "2"])
+    if V011:
+        args.reward.stop_properly_penalty_coef = coef
+    else:
+        args.stop_properly_penalty_coef = coef
+    if refused:
+        with pytest.raises(ValueError, match=f"{estimator} needs 0/1 rewards, but --.*stop_properly_penalty_coef"):
+            config.validate(args, LAYOUT)
+    else:
+        config.validate(args, LAYOUT)
 
 
 def test_version_detection_matches_the_imported_openrlhf():
@@ -635,3 +888,13 @@ def test_version_detection_matches_the_imported_openrlhf():
     from openrlhf.trainer.ppo_utils import experience_maker as em
 
     assert f"strategy.args.{LAYOUT.estimator_dest}\n" in inspect.getsource(em)
+
+
+def test_adaptive_logged_arm_is_the_estimators_arm():
+    # G=45, split=0.7: 45 * 0.7 is 31.499999999999996 in floats; the rule is half up on 7/10, so 32 prompts.
+    from openrlhf_passk.integration import experience
+
+    entropy = torch.rand(45, generator=torch.Generator().manual_seed(3))
+    logged = experience._adaptive_logs(entropy, 0.7)["passk/adaptive_pass1_frac"].view(-1)
+    top32 = set(sorted(range(45), key=lambda i: -entropy[i].item())[:32])
+    assert logged.tolist() == [float(i in top32) for i in range(45)]

@@ -166,7 +166,7 @@ def _rollout(up, actor):
 
 
 def _make_experience(up, actor, trainer, strategy, monkeypatch):
-    """The driver's make_experience with the Ray group replaced by in-process calls of the (patched)
+    """The PPOTrainer actor's make_experience with the Ray group replaced by in-process calls of the (patched)
     PolicyModelActor.forward of a policy actor holding `actor` and `trainer`."""
     monkeypatch.setattr(up.maker, "ray", NS(put=lambda x: x, get=lambda x: x))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
@@ -454,3 +454,142 @@ def test_packed_samples_ids_and_gradient(up, monkeypatch):
     assert status["metrics"]["policy_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     for name, param in reference.named_parameters():
         torch.testing.assert_close(grads[0][f"model.{name}"], param.grad, rtol=1e-4, atol=1e-6)
+
+
+# ── passk_adaptive: the rollout entropy capture without SimKO's loss ──
+
+GA, NA, KA = 4, 3, 2  # prompts, samples per prompt, k
+
+
+def _adaptive_args(split: float) -> NS:
+    """_args(False) plus what split_rollout_samples / compute_advantages_and_returns read, with
+    --advantage_estimator passk_adaptive: dynamic batching over 2 DP ranks, so samples are shuffled."""
+    import argparse
+
+    from openrlhf_passk.integration import config
+
+    ours = argparse.ArgumentParser()
+    config.add_arguments(ours)
+    args = _args(False)
+    vars(args).update(vars(ours.parse_args(["--passk_k", str(KA), "--passk_adaptive_split", str(split)])))
+    if OLD:
+        vars(args).update(
+            advantage_estimator="passk_adaptive", n_samples_per_prompt=NA, micro_rollout_batch_size=2,
+            rollout_max_tokens_per_gpu=40, max_new_tokens=16, use_dynamic_batch=True, gamma=1.0, lambd=1.0,
+            no_advantage_std_norm=False, reward_clip_range=(-10.0, 10.0), overlong_buffer_len=None,
+            overlong_penalty_factor=1.0, stop_properly_penalty_coef=None, max_len=64,
+        )  # fmt: skip
+        return args
+    args.algo.advantage.estimator = "passk_adaptive"
+    vars(args.algo.advantage).update(gamma=1.0, lambd=1.0, no_std_norm=False)
+    args.algo.kl.init_coef = 0.0
+    args.rollout = NS(n_samples_per_prompt=NA, micro_batch_size=2, max_tokens_per_gpu=40, max_new_tokens=16)
+    args.train.dynamic_batch_enable = True
+    args.reward = NS(clip_range=(-10.0, 10.0), overlong_buffer_len=None, overlong_penalty_factor=1.0,
+                     stop_properly_penalty_coef=None)  # fmt: skip
+    args.data = NS(max_len=64)
+    return args
+
+
+def _adaptive_rollout(up, rewards: torch.Tensor) -> list:
+    """GA * NA single-sample Experiences in prompt order (as the samples generator makes them), each with
+    its own random prompt and response; lengths vary so that OpenRLHF's length balancing reorders them."""
+    g = torch.Generator().manual_seed(5)
+    samples = []
+    for i, reward in enumerate(rewards.reshape(-1).tolist()):
+        prompt, length = 3 + i % 3, int(torch.randint(2, 12, (1,), generator=g))
+        seq = torch.randint(0, V, (prompt + length,), generator=g)
+        full_mask = torch.zeros(len(seq), dtype=torch.long)
+        full_mask[prompt:] = 1
+        samples.append(
+            up.exp.Experience(
+                sequences=seq[None], attention_mask=torch.ones(1, len(seq), dtype=torch.long),
+                action_mask=full_mask[1:][None], rewards=torch.tensor([reward]),
+                response_length=torch.tensor([float(length)]), total_length=torch.tensor([float(len(seq))]),
+                prompts=[f"p{i // NA}"], labels=[f"s{i}"], info={"reward": torch.tensor([reward])},
+            )
+        )  # fmt: skip
+    return samples
+
+
+def test_adaptive_entropies_reach_the_estimator_in_prompt_order(up, monkeypatch):
+    """The real make_experience_batch: OpenRLHF's splitter shuffles the samples into micro-batches, the
+    patched policy forward captures entropies, compute_advantages_and_returns re-orders them by index."""
+    from openrlhf_passk import advantages
+
+    split = 0.5
+    args = _adaptive_args(split)
+    actor = _tiny_actor(up)
+    trainer, strategy = _trainer(up, actor, args, monkeypatch)
+    assert trainer._simko is None and trainer._passk_entropy  # capture on, SimKO's loss off
+    assert "forward" not in vars(trainer.actor_loss_fn)
+    monkeypatch.setattr(up.maker, "ray", NS(put=lambda x: x, get=lambda x: x))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    worker = NS(actor=actor, trainer=trainer, strategy=strategy)
+    forward = up.ppo_actor.PolicyModelActor.__ray_metadata__.modified_class.forward
+
+    def run_batch(method_name, **kwargs):
+        n = len(next(iter(kwargs.values())))
+        return [[forward(worker, **{key: value[i] for key, value in kwargs.items()}) for i in range(n)]]
+
+    maker = up.maker.RemoteExperienceMaker(
+        NS(async_run_method_batch=run_batch), None, None, None, NS(value=0.0), strategy, NS(pad_token_id=0)
+    )
+    # Every prompt has 1 of 3 correct: grpo and passk (k=2) advantages differ, so the arm matters.
+    rewards = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    samples = _adaptive_rollout(up, rewards)
+    experiences = maker.make_experience_batch(samples)
+    order = [i for e in experiences for i in e.index]
+    assert sorted(order) == list(range(GA * NA)) and order != sorted(order), "expected shuffled micro-batches"
+
+    # Independent entropies: one unpadded forward per sample, full-vocabulary entropy, mean over its response.
+    per_sample = []
+    for sample in samples:
+        seq, mask = sample.sequences[0], sample.action_mask[0].bool()
+        with torch.no_grad():
+            logp = torch.log_softmax(actor.model(seq[None]).logits[0, :-1].float(), -1)
+        per_sample.append(float(-(logp.exp() * logp).sum(-1)[mask].mean()))
+    entropy = torch.tensor(per_sample).view(GA, NA).mean(-1)
+    expected = advantages.compute("passk_adaptive", rewards, k=KA, entropy=entropy, split=split)
+    # The test can fail: entropies in any other prompt order change the advantages.
+    reversed_order = advantages.compute("passk_adaptive", rewards, k=KA, entropy=entropy.flip(0), split=split)
+    assert not torch.allclose(expected, reversed_order)
+
+    got = torch.zeros(GA * NA)
+    logged = {key: torch.zeros(GA * NA) for key in ("passk/entropy", "passk/adaptive_pass1_frac")}
+    for e in experiences:
+        for j, idx in enumerate(e.index):
+            got[idx] = e.advantages[j][e.action_mask[j].bool()][0]
+            for key in logged:
+                logged[key][idx] = e.info[key][j]
+    torch.testing.assert_close(got, expected.view(-1).float(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logged["passk/entropy"], torch.tensor(per_sample), atol=1e-4, rtol=0)
+    # The top round(4 * 0.5) = 2 prompts by entropy are in the Pass@1 arm; the split point lies between.
+    top2 = set(torch.argsort(entropy, descending=True)[:2].tolist())
+    assert logged["passk/adaptive_pass1_frac"].view(GA, NA)[:, 0].tolist() == [float(g in top2) for g in range(GA)]
+    point = float(experiences[0].info["passk/adaptive_entropy_split"][0])
+    assert max(entropy[g] for g in range(GA) if g not in top2) < point < min(entropy[g] for g in top2)
+
+
+def test_adaptive_without_the_capture_in_the_policy_actors_is_a_clear_error(up, monkeypatch):
+    """The experience maker wants entropies but the policy actors run without our patches (here: a
+    trainer configured for group_norm, so its forward returns bare log-probs): stop at the first rollout."""
+    actor = _tiny_actor(up)
+    trainer, strategy = _trainer(up, actor, _args(False), monkeypatch)
+    assert not trainer._passk_entropy
+    monkeypatch.setattr(up.maker, "ray", NS(put=lambda x: x, get=lambda x: x))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    worker = NS(actor=actor, trainer=trainer, strategy=strategy)
+    forward = up.ppo_actor.PolicyModelActor.__ray_metadata__.modified_class.forward
+
+    def run_batch(method_name, **kwargs):
+        n = len(next(iter(kwargs.values())))
+        return [[forward(worker, **{key: value[i] for key, value in kwargs.items()}) for i in range(n)]]
+
+    maker_strategy = NS(**{**vars(strategy), "args": _adaptive_args(0.5)})
+    maker = up.maker.RemoteExperienceMaker(
+        NS(async_run_method_batch=run_batch), None, None, None, NS(value=0.0), maker_strategy, NS(pad_token_id=0)
+    )
+    samples = _adaptive_rollout(up, torch.zeros(GA, NA))
+    with pytest.raises(RuntimeError, match="'passk_adaptive' advantage estimator needs each response's token entropy"):
+        maker.make_experience_batch(samples)

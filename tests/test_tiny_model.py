@@ -120,6 +120,8 @@ def test_cli_refuses_non_empty_out_without_force_and_bad_sizes(tmp_path: Path, c
     assert "--hidden must be a multiple of 16" in capsys.readouterr().err
     assert cli(["--out", str(tmp_path / "bad"), "--layers", "0"]) == 2
     assert "--layers must be an integer from 1 to 64" in capsys.readouterr().err
+    assert cli(["--out", str(tmp_path / "bad"), "--seed", str(2**64)]) == 2
+    assert "--seed must be an integer from 0 to 2**63 - 1" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     (tmp_path / "file").write_text("")
     assert cli(["--out", str(tmp_path / "file")]) == 2

@@ -12,7 +12,9 @@ import importlib
 import importlib.util
 import inspect
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +32,11 @@ PARAM_FLAGS = {
     "reduce": "passk_reduce",
     "baseline": "passk_baseline",
     "f": "passk_f",
+    "split": "passk_adaptive_split",
 }
+# The registry parameter that is not a flag: each prompt's mean response token entropy, captured in the
+# policy's rollout-time forward (simko.py) for estimators that declare it.
+ENTROPY_PARAM = "entropy"
 # Flags that only make sense with one of our estimators (their defaults are None or the constant schedule).
 OUR_FLAGS = (*PARAM_FLAGS.values(), "passk_param", "passk_k_end", "passk_k_schedule_steps")
 
@@ -62,10 +68,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'step' schedule: fraction of the steps after which k becomes --passk_k_end",
     )
     group.add_argument("--passk_num_groups", type=int, default=None, help="passk_bootstrap: groups M (default N)")
-    group.add_argument("--passk_seed", type=int, default=None, help="passk_bootstrap: RNG seed")
+    group.add_argument(
+        "--passk_seed",
+        type=int,
+        default=None,
+        help="passk_bootstrap: RNG seed (>= 0); each training step draws with a seed derived from it and the step",
+    )
     group.add_argument("--passk_reduce", choices=["mean", "sum"], default=None, help="passk_bootstrap: mean|sum")
     group.add_argument("--passk_baseline", choices=["none", "loo", "loo-1"], default=None, help="pkpo: baseline")
     group.add_argument("--passk_f", type=str, default=None, help="passk_exceed: weight f(N_pos) ('linear')")
+    group.add_argument(
+        "--passk_adaptive_split",
+        type=float,
+        default=None,
+        help="passk_adaptive: share of prompts in [0, 1] (default 0.5) that get the Pass@1 (grpo) advantage: "
+        "those whose responses have the highest mean token entropy under the policy at rollout time; the "
+        "others get the Pass@k advantage",
+    )
     group.add_argument(
         "--passk_param",
         action="append",
@@ -165,6 +184,13 @@ def resolve(args: Any, layout: upstream.Layout, step: int = 0) -> dict[str, Any]
             )
         params[param] = value
     params.update(_parse_param(text) for text in getattr(args, "passk_param", None) or ())
+    if ENTROPY_PARAM in params:
+        raise ValueError(
+            f"--passk_param {ENTROPY_PARAM}=... is not a setting: the {name!r} estimator gets each prompt's "
+            "entropy from the policy's rollout-time forward"
+        )
+    if params.get("seed") is not None:
+        params["seed"] = step_seed(params["seed"], step)
 
     schedule = getattr(args, "passk_k_schedule", "constant")
     if "k" in accepted and "k" not in params and signature["k"].default is inspect.Parameter.empty:
@@ -182,7 +208,27 @@ def resolve(args: Any, layout: upstream.Layout, step: int = 0) -> dict[str, Any]
             kind=schedule,
             switch_at=args.passk_k_switch_at,
         )
-    return {"estimator": name, "params": params}
+    return {"estimator": name, "params": params, "needs_entropy": ENTROPY_PARAM in signature}
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The RNG seed of training step `step`: a fixed seed alone would draw the same subsets every step.
+    numpy's SeedSequence mixes (seed, step) so that nearby pairs give unrelated streams."""
+    import numpy as np
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--passk_seed must be an integer >= 0, got {seed!r}")
+    return int(np.random.SeedSequence([seed, int(step)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def entropy_estimator(args: Any) -> str | None:
+    """The estimator's name if it takes the rollout entropy (so the policy actors must capture it)."""
+    layout = upstream.layout()
+    name = upstream.arg(args, layout.estimator_dest)
+    if name in layout.builtin_estimators:
+        return None
+    load_estimator_module(getattr(args, "passk_estimator_module", None))
+    return name if ENTROPY_PARAM in inspect.signature(advantages.get(name)).parameters else None
 
 
 def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None, list[str]]:
@@ -230,11 +276,33 @@ def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None,
         import torch
 
         pattern = (torch.arange(n).unsqueeze(0) < torch.arange(n + 1).unsqueeze(1)).float()
+        probes = [trial]
+        if resolved["needs_entropy"]:
+            # The real entropies are known only at rollout time. With a split, probe both arms (all
+            # Pass@k, all Pass@1): a group learns nothing only if it gets 0 whichever arm it lands in.
+            probes = [{**trial, ENTROPY_PARAM: torch.zeros(n + 1)}]
+            if "split" in inspect.signature(advantages.get(name)).parameters:
+                probes += [{**probes[0], "split": 0.0}, {**probes[0], "split": 1.0}]
         try:
-            adv = advantages.compute(name, pattern, **trial)
+            adv = [advantages.compute(name, pattern, **probe) for probe in probes]
         except ValueError as exc:
             raise ValueError(f"{name} rejects its parameters {trial}: {exc}") from exc
-        zero = [c for c in range(n + 1) if bool((adv[c] == 0).all())]
+        penalties = _length_penalties(args)
+        if penalties:
+            # OpenRLHF applies its length penalties between the reward function and the advantage: a
+            # correct but long response scores e.g. 0.5. Estimators defined only for 0/1 rewards would
+            # fail at the first step, after Ray, vLLM and the models have started: refuse now.
+            try:
+                advantages.compute(name, pattern * 0.5, **probes[0])
+            except ValueError as exc:
+                raise ValueError(
+                    f"{name} needs 0/1 rewards, but {' and '.join(penalties)} turn(s) some rewards into other "
+                    f"values after the reward function (OpenRLHF's length penalties), so training would stop "
+                    f"at the first step ({exc}). Drop {' and '.join(f.split()[0] for f in penalties)}, or use "
+                    "an estimator that takes any reward (passk, passk_full, passk_bootstrap, pkpo)"
+                ) from exc
+        arms = adv[1:] or adv  # the two arms' probes when there are, else the one probe
+        zero = [c for c in range(n + 1) if all(bool((a[c] == 0).all()) for a in arms)]
         zero_counts[k] = zero
         if len(zero) == n + 1:
             warnings.append(
@@ -259,7 +327,157 @@ def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None,
         "success_threshold": args.passk_success_threshold,
         "estimator_module": args.passk_estimator_module,
     }
+    if params.get("seed") is not None:
+        summary["seed"] = f"--passk_seed {args.passk_seed}: step s draws with SeedSequence([{args.passk_seed}, s])"
+    if resolved["needs_entropy"]:
+        summary["entropy"] = (
+            "each prompt's entropy = mean over its responses of the mean token entropy over the response "
+            "tokens, from the policy's forward at rollout time (captured in the PPO policy Ray actors; "
+            "SimKO's loss stays off unless --simko)"
+        )
+        if name == "passk_adaptive":
+            split = params.get("split", inspect.signature(advantages.passk_adaptive).parameters["split"].default)
+            summary["adaptive_split"] = split
+            summary["adaptive_rule"] = (
+                f"per step, the round(G * {split}) prompts with the highest entropy get the Pass@1 (grpo) "
+                "advantage, the others the Pass@k advantage; logged as passk/adaptive_pass1_frac and "
+                "passk/adaptive_entropy_split"
+            )
     return summary, warnings
+
+
+# (OpenRLHF 0.11 dest, 0.9 dest) of the settings the checks below read; each flag is "--" + dest.
+_DESTS = {
+    "model": ("actor.model_name_or_path", "pretrain"),
+    "reward_model": ("reward.model_name_or_path", "reward_pretrain"),
+    "critic_model": ("critic.model_name_or_path", "critic_pretrain"),
+    "data": ("data.prompt_dataset", "prompt_data"),
+    "input_key": ("data.input_key", "input_key"),
+    "label_key": ("data.label_key", "label_key"),
+    "overlong_buffer_len": ("reward.overlong_buffer_len", "overlong_buffer_len"),
+    "overlong_penalty_factor": ("reward.overlong_penalty_factor", "overlong_penalty_factor"),
+    "stop_properly_penalty_coef": ("reward.stop_properly_penalty_coef", "stop_properly_penalty_coef"),
+    "actor_nodes": ("actor.num_nodes", "actor_num_nodes"),
+    "actor_gpus": ("actor.num_gpus_per_node", "actor_num_gpus_per_node"),
+    "ref_nodes": ("ref.num_nodes", "ref_num_nodes"),
+    "ref_gpus": ("ref.num_gpus_per_node", "ref_num_gpus_per_node"),
+    "critic_nodes": ("critic.num_nodes", "critic_num_nodes"),
+    "critic_gpus": ("critic.num_gpus_per_node", "critic_num_gpus_per_node"),
+    "reward_nodes": ("reward.num_nodes", "reward_num_nodes"),
+    "reward_gpus": ("reward.num_gpus_per_node", "reward_num_gpus_per_node"),
+    "engines": ("vllm.num_engines", "vllm_num_engines"),
+    "tp": ("vllm.tensor_parallel_size", "vllm_tensor_parallel_size"),
+    "colocate_all": ("train.colocate_all", "colocate_all_models"),
+    "colocate_actor_ref": ("train.colocate_actor_ref", "colocate_actor_ref"),
+    "colocate_critic_reward": ("train.colocate_critic_reward", "colocate_critic_reward"),
+    "async": ("train.async_enable", "async_train"),
+    "kl": ("algo.kl.init_coef", "init_kl_coef"),
+    "rollout_batch": ("rollout.batch_size", "rollout_batch_size"),
+    "train_batch": ("train.batch_size", "train_batch_size"),
+    "epochs": ("train.max_epochs", "max_epochs"),
+}
+
+
+def _get(args: Any, key: str) -> tuple[Any, str]:
+    """(value, flag) of a setting under either version's spelling; (None, 0.11 flag) when absent."""
+    for dest in _DESTS[key]:
+        try:
+            return upstream.arg(args, dest), f"--{dest}"
+        except AttributeError:
+            continue
+    return None, f"--{_DESTS[key][0]}"
+
+
+def _length_penalties(args: Any) -> list[str]:
+    """The length-penalty flags in force that can make a 0/1 reward something else."""
+    out = []
+    buffer_len, flag = _get(args, "overlong_buffer_len")
+    if buffer_len is not None and _get(args, "overlong_penalty_factor")[0] != 0:
+        out.append(f"{flag} {buffer_len:g}")
+    coef, flag = _get(args, "stop_properly_penalty_coef")
+    if coef is not None and coef not in (0, 1):  # 0 maps a truncated 1 to 0, 1 changes nothing
+        out.append(f"{flag} {coef:g}")
+    return out
+
+
+# A name that can only be a local path: absolute, relative with ./ ../ ~, or a file name with a suffix.
+# Hub ids are "name" or "org/name", so a name with two or more slashes is a local path too.
+_LOCAL = re.compile(r"^(/|\.{1,2}/|~)|\.(jsonl?|csv|parquet|arrow|txt|py|bin|safetensors|pt)$", re.IGNORECASE)
+
+
+def _is_local(source: str) -> bool:
+    return os.path.exists(os.path.expanduser(source)) or bool(_LOCAL.search(source)) or source.count("/") > 1
+
+
+def check_inputs(args: Any) -> tuple[list[dict], list[str]]:
+    """Model paths and the prompt data, before anything starts: a local path that does not exist, a model
+    directory without config.json, a data file whose first rows lack the input/label key -> ValueError
+    naming the flag. Hub ids cannot be checked offline: a warning."""
+    report, warnings = [], []
+    for key in ("model", "reward_model", "critic_model"):
+        value, flag = _get(args, key)
+        for source in value.split(",") if isinstance(value, str) and value else ():
+            if not _is_local(source):
+                warnings.append(f"{flag} {source!r} is no local path: taken as a hub id, not checked offline")
+                report.append({"flag": flag, "source": source, "check": "hub id, not checked offline"})
+                continue
+            path = Path(source).expanduser()
+            if not path.exists():
+                raise ValueError(f"{flag} {source!r} does not exist: give an existing model directory, or a hub id")
+            if path.is_dir() and not (path / "config.json").is_file():
+                raise ValueError(
+                    f"{flag} {source!r} is a directory without config.json, so it is not a saved model "
+                    "(save_pretrained writes one)"
+                )
+            report.append({"flag": flag, "source": source, "check": "exists"})
+    data, data_flag = _get(args, "data")
+    input_key, input_flag = _get(args, "input_key")
+    label_key, label_flag = _get(args, "label_key")
+    for source in data.split(",") if isinstance(data, str) and data else ():
+        if not _is_local(source):
+            warnings.append(f"{data_flag} {source!r} is no local path: taken as a hub dataset, not checked offline")
+            report.append({"flag": data_flag, "source": source, "check": "hub dataset, not checked offline"})
+            continue
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise ValueError(f"{data_flag} {source!r} does not exist: give the prompt data file (.jsonl/.json)")
+        rows = _first_rows(path, data_flag)
+        if rows is None:
+            report.append({"flag": data_flag, "source": source, "check": "exists (keys not checked: not JSON)"})
+            continue
+        if not rows:
+            raise ValueError(f"{data_flag} {source!r} has no rows")
+        for i, row in enumerate(rows):
+            for key, flag in ((input_key, input_flag), (label_key, label_flag)):
+                if key is not None and (not isinstance(row, dict) or key not in row):
+                    have = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise ValueError(
+                        f"{data_flag} {source!r}: row {i} has no {key!r} field ({flag}); its fields: {have}. "
+                        f"Set {flag} to the field that holds the {'prompt' if flag == input_flag else 'label'}"
+                    )
+        report.append({"flag": data_flag, "source": source, "check": f"first {len(rows)} rows have the keys"})
+    return report, warnings
+
+
+def _first_rows(path: Path, flag: str, count: int = 3) -> list | None:
+    """The first rows of a .jsonl / .json file (a JSON list, or JSON lines in a .json); None otherwise."""
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        return None
+    try:
+        with path.open(encoding="utf-8") as f:
+            if path.suffix.lower() == ".json" and f.read(1) == "[":
+                f.seek(0)
+                return json.load(f)[:count]
+            f.seek(0)
+            rows = []
+            for line in f:
+                if line.strip():
+                    rows.append(json.loads(line))
+                    if len(rows) == count:
+                        break
+            return rows
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{flag} {str(path)!r} could not be read as JSON: {exc}") from exc
 
 
 def _ranges(values: list[int]) -> str:
@@ -298,16 +516,17 @@ def parse_training_args(parser, original_parse, layout: upstream.Layout, args=No
         simko.validate(ns)
         if ns.passk_reward_wait < 0:
             raise ValueError(f"--passk_reward_wait must be >= 0 seconds (0: no check), got {ns.passk_reward_wait}")
+        input_report, input_warnings = check_inputs(ns)
         reward_report, reward_warnings = reward.check_sources(reward_value, layout.reward_flag, dry_run)
     except ValueError as exc:
         parser.error(str(exc))
-    warnings += reward_warnings
+    warnings += input_warnings + reward_warnings
     for warning in warnings:
         print(f"[openrlhf-passk] WARNING: {warning}", file=sys.stderr)
     if summary is not None:
         print(f"[openrlhf-passk] {json.dumps(summary)}", file=sys.stderr)
     if dry_run:
-        _arm_dry_run(summary, warnings, reward_report)
+        _arm_dry_run(summary, warnings, reward_report, input_report)
     elif ns.passk_reward_wait > 0:
         _arm_reward_wait(reward_value, ns.passk_reward_wait, layout.reward_flag)
     return ns
@@ -325,24 +544,29 @@ def _arm_reward_wait(reward_value, wait_s: float, flag: str) -> None:
         reward.wrap_train(lambda args: None, urls, wait_s, flag)(None)
 
 
-def _arm_dry_run(summary, warnings, reward_report=()) -> None:
-    """Let OpenRLHF finish its own checks, then print instead of `train(args)` (no Ray, no GPU)."""
+def _arm_dry_run(summary, warnings, reward_report=(), input_report=()) -> None:
+    """Let OpenRLHF finish its own checks, then print instead of `train(args)` (no Ray, no GPU).
+
+    The report is strict JSON (non-finite numbers become strings) and the last thing on stdout."""
 
     def dry_run_train(args):
-        print(
-            json.dumps(
-                {
-                    "dry_run": "configuration is valid",
-                    "openrlhf": upstream.openrlhf_version(),
-                    "passk": summary,
-                    "reward": list(reward_report),
-                    "warnings": warnings,
-                    "args": _plain(args),
-                },
-                indent=2,
-                default=str,
-            )
-        )
+        try:
+            sizes = derived_sizes(args)
+        except ValueError as exc:
+            print(f"[openrlhf-passk] dry run: OpenRLHF's train() would reject this: {exc}", file=sys.stderr)
+            sys.exit(2)
+        report = {
+            "dry_run": "configuration is valid",
+            "openrlhf": upstream.openrlhf_version(),
+            "passk": summary,
+            "sizes": sizes,
+            "inputs": list(input_report),
+            "reward": list(reward_report),
+            "warnings": warnings,
+            "args": args,
+        }
+        sys.stderr.flush()
+        print(json.dumps(_plain(report), indent=2, allow_nan=False), flush=True)
 
     def excepthook(exc_type, exc, tb):  # OpenRLHF's own checks are asserts: show the message, not a traceback
         print(
@@ -358,11 +582,67 @@ def _arm_dry_run(summary, warnings, reward_report=()) -> None:
     sys.excepthook = excepthook
 
 
+def derived_sizes(args: Any) -> dict[str, Any]:
+    """The numbers a user checks by hand, and the GPU-count checks OpenRLHF's train() makes before it
+    asks Ray for anything (ValueError with OpenRLHF's message, naming the flags)."""
+    value = {key: _get(args, key)[0] for key in _DESTS}
+    flag = {key: _get(args, key)[1] for key in _DESTS}
+    layout = upstream.layout()
+    n = upstream.arg(args, layout.n_samples_dest)
+    actor = value["actor_nodes"] * value["actor_gpus"]
+    engines = value["engines"] or 0
+    vllm = engines * (value["tp"] or 1)
+    colocated = bool(value["colocate_all"]) and not value["async"]
+    uses_ref = (value["kl"] or 0) > 0
+    if uses_ref and (value["colocate_actor_ref"] or value["colocate_all"]):
+        if (value["actor_nodes"], value["actor_gpus"]) != (value["ref_nodes"], value["ref_gpus"]):
+            raise ValueError(
+                f"num_nodes and num_gpus_per_node must be the same when colocate actor and ref model: "
+                f"{flag['actor_nodes']} x {flag['actor_gpus']} = {value['actor_nodes']} x {value['actor_gpus']}, "
+                f"{flag['ref_nodes']} x {flag['ref_gpus']} = {value['ref_nodes']} x {value['ref_gpus']}"
+            )
+    if engines and colocated and actor != vllm:
+        raise ValueError(
+            f"with {flag['colocate_all']}, the actor GPUs ({flag['actor_nodes']} x {flag['actor_gpus']} = {actor}) "
+            f"must equal {flag['engines']} x {flag['tp']} = {vllm}"
+        )
+    critic = value["critic_model"] and value["critic_nodes"] * value["critic_gpus"] or 0
+    reward_model = 0 if upstream.arg(args, layout.reward_dest) else value["reward_nodes"] * value["reward_gpus"]
+    if critic and value["colocate_critic_reward"]:
+        if (value["critic_nodes"], value["critic_gpus"]) != (value["reward_nodes"], value["reward_gpus"]):
+            raise ValueError(
+                f"num_nodes and num_gpus_per_node must be the same when colocate critic and reward model "
+                f"({flag['critic_nodes']}, {flag['critic_gpus']} vs {flag['reward_nodes']}, {flag['reward_gpus']})"
+            )
+        reward_model = 0
+    if value["colocate_all"]:  # everything shares the actor's placement group (vLLM too, unless async)
+        total = actor + (0 if colocated else vllm)
+    else:
+        ref = 0 if value["colocate_actor_ref"] or not uses_ref else value["ref_nodes"] * value["ref_gpus"]
+        total = actor + ref + vllm + critic + reward_model
+    samples = value["rollout_batch"] * n
+    steps = samples * value["epochs"] / value["train_batch"]
+    return {
+        "actor_gpus": actor,
+        "vllm_engines_x_tp": vllm,
+        "gpus_requested": total,
+        "samples_per_rollout": samples,
+        "optimizer_steps_per_rollout": int(steps) if steps == int(steps) else steps,
+    }
+
+
 def _plain(value):
+    """JSON-ready copy: namespaces and dicts to objects, non-finite floats and other objects to strings."""
     if isinstance(value, (SimpleNamespace, argparse.Namespace)):
-        return {k: _plain(v) for k, v in vars(value).items()}
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "nan": strict JSON has no Infinity
+    if value is not None and not isinstance(value, (str, int, float, bool)):
+        return str(value)
     # A reward URL may carry its token as ?token=...: never print it.
     if isinstance(value, str) and value.startswith(("http://", "https://")):
         return ",".join(reward.redact(u) for u in value.split(","))

@@ -11,6 +11,7 @@ the original method untouched.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import threading
 from types import ModuleType
@@ -22,6 +23,41 @@ from openrlhf_passk.integration import config, upstream
 
 # The estimator call in progress in this thread (set only inside one of our estimators' calls).
 _current = threading.local()
+# Per-response mean token entropy, written by simko._make_experience for estimators that take `entropy`.
+ENTROPY_INFO = "passk/entropy"
+
+
+def _prompt_entropy(experiences: list, grouped, name: str) -> torch.Tensor:
+    """Each prompt's entropy: the mean over its responses of their mean token entropy, (G,)."""
+    missing = [i for i, e in enumerate(experiences) if ENTROPY_INFO not in e.info]
+    if missing:
+        raise RuntimeError(
+            f"the {name!r} advantage estimator needs each response's token entropy from the policy's "
+            f"rollout-time forward (experience.info[{ENTROPY_INFO!r}]), and {len(missing)} of "
+            f"{len(experiences)} micro-batches have none: the openrlhf-passk capture did not run. It runs "
+            "in the PPO policy Ray actors and the PPOTrainer Ray actor: install openrlhf-passk in the Ray "
+            "workers' environment and leave OPENRLHF_PASSK_DISABLE unset there. It never falls back to passk."
+        )
+    return grouped(torch.cat([e.info[ENTROPY_INFO].float() for e in experiences])).mean(-1)
+
+
+def _adaptive_logs(entropy: torch.Tensor, split: float) -> dict[str, torch.Tensor]:
+    """Per prompt: in the Pass@1 arm (1/0), and the step's entropy split point (the same for all).
+
+    The arm is advantages.adaptive_pass1_mask, the estimator's own rule; the split point is midway
+    between the last Pass@1 and the first Pass@k prompt's entropy."""
+    g = entropy.shape[0]
+    mask = advantages.adaptive_pass1_mask(entropy, split)
+    n_pass1 = int(mask.sum())
+    pass1 = mask.double().unsqueeze(1)
+    values = torch.sort(entropy.double(), descending=True).values
+    if n_pass1 == 0:
+        point = values[0]
+    elif n_pass1 == g:
+        point = values[-1]
+    else:
+        point = (values[n_pass1 - 1] + values[n_pass1]) / 2
+    return {"passk/adaptive_pass1_frac": pass1, "passk/adaptive_entropy_split": point.expand(g, 1)}
 
 
 def _registry_step(experiences: list, job: dict) -> None:
@@ -40,11 +76,19 @@ def _registry_step(experiences: list, job: dict) -> None:
         return values.reshape(-1)[indices].split(exp_len)
 
     rewards = grouped(torch.cat([e.rewards for e in experiences]))
-    adv = advantages.compute(job["estimator"], rewards, **job["params"])
+    params, extra_info = job["params"], {}
+    if job["needs_entropy"]:
+        entropy = _prompt_entropy(experiences, grouped, job["estimator"])
+        params = {**params, config.ENTROPY_PARAM: entropy}
+    adv = advantages.compute(job["estimator"], rewards, **params)  # validates entropy and split first
+    if job["estimator"] == "passk_adaptive":
+        split = params.get("split", inspect.signature(advantages.passk_adaptive).parameters["split"].default)
+        extra_info = _adaptive_logs(entropy, split)
     correct = (grouped(torch.cat(job["before_penalties"])) >= job["threshold"]).sum(-1, keepdim=True)
     info = {
         "passk/pass@1": (correct / n).double(),
         "passk/zero_adv_frac": (adv == 0).all(-1, keepdim=True).double(),
+        **extra_info,
     }
     k = job["params"].get("k")
     if k is not None:

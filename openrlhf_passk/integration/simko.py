@@ -1,16 +1,18 @@
 """SimKO (Peng et al. 2025) in OpenRLHF: flags, validation and the post-import patches.
 
 The hook machinery (`hooks.py`) calls `add_arguments(parser)` and `validate(args)` on the training
-parser and runs `PATCHES[module_name](module)` once that upstream module has been imported, in the
-driver and in every Ray worker. Every wrapper calls the original unchanged unless `--simko` is on.
+parser (in the driver) and runs `PATCHES[module_name](module)` once that upstream module has been
+imported, in whichever process imports it: the experience maker runs in OpenRLHF's PPOTrainer Ray
+actor, the policy forward and the loss in the PPO policy Ray actors. Every wrapper calls the original
+unchanged unless `--simko` is on (or the estimator takes the rollout entropy, see below).
 
 Data flow with `--simko`:
 1. Experience time, in the policy Ray actor: `PolicyModelActor.forward` runs the usual actor forward
    and, from the logits already in memory, takes each position's top-K ids, entropy and top-1
    probability (in chunks of positions, see `losses.topk_and_entropy`). It returns them next to the
-   log-probs; the driver's `RemoteExperienceMaker` stores on each Experience the ids, the per-response
-   entropy gate (tau-quantile), the entropies and correct = (reward > --simko_correct_threshold,
-   0.5 by default, read before length penalties), and logs the
+   log-probs; the `RemoteExperienceMaker` (in the PPOTrainer Ray actor) stores on each Experience
+   the ids, the per-response entropy gate (tau-quantile), the entropies and correct = (reward >
+   --simko_correct_threshold, 0.5 by default, read before length penalties), and logs the
    over-concentration signals in `experience.info`.
 2. Those are dataclass fields added to `Experience` (step fields follow the per-token padding,
    trimming, splitting, shuffling and balancing; `simko_correct` is an episode field). The ids are
@@ -20,6 +22,11 @@ Data flow with `--simko`:
    gathers the current candidate log-probs from the logits at those ids (no K-fold expansion), and
    the policy loss receives SimKO's surrogate log-probs and scaled advantages (`losses.apply_simko`),
    then runs unchanged (PPO clipping, aggregation, IS corrections as configured).
+
+The same rollout-time capture serves estimators that take the rollout entropy (`passk_adaptive`):
+for them the policy forward returns the per-token entropies (only those, unless --simko), and
+`make_experience` stores each response's mean token entropy in experience.info["passk/entropy"],
+which `experience._registry_step` averages per prompt. SimKO's loss and fields stay off.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from typing import Any
 
 import torch
 
-from openrlhf_passk.integration import upstream
+from openrlhf_passk.integration import config, upstream
+from openrlhf_passk.integration.experience import ENTROPY_INFO
 from openrlhf_passk.losses import (
     SparseGradGather,
     apply_simko,
@@ -115,9 +123,7 @@ def validate(args: Any) -> None:
     if args.simko:
         loss_type = _lookup(args, "actor.policy_loss_type", "policy_loss_type", default="ppo")
         if loss_type != "ppo":
-            raise ValueError(
-                f"--simko works on the token-level PPO loss; --policy_loss_type is {loss_type!r}: use ppo"
-            )
+            raise ValueError(f"--simko works on the token-level PPO loss; --policy_loss_type is {loss_type!r}: use ppo")
 
 
 def _config(args: Any) -> dict[str, float] | None:
@@ -208,6 +214,10 @@ def _actor_forward(trainer, original, sequences, action_mask=None, attention_mas
     ring = kwargs.get("ring_attn_group")
     num_actions = action_mask.shape[1]
     if state["mode"] == "rollout":
+        if trainer._simko is None:  # entropy only (an estimator that takes it); top-1 is the cheapest k
+            _, entropy, _ = topk_and_entropy(logits, 1)
+            (state["entropy"],) = _to_actions(trainer.actor, [entropy], sequences, attention_mask, ring, num_actions)
+            return (log_probs, output) if return_output else log_probs
         k = trainer._simko["k"]
         if k > logits.shape[-1]:
             raise ValueError(f"--simko_top_k ({k}) exceeds the vocabulary size ({logits.shape[-1]})")
@@ -255,13 +265,15 @@ def _loss_forward(trainer, original, log_probs, old_log_probs, advantages, *args
 def _trainer_init(original, self, *args, **kwargs):
     original(self, *args, **kwargs)
     self._simko = _config(self.args)
+    self._passk_entropy = config.entropy_estimator(self.args) is not None
     self._simko_state = None
-    if self._simko is None:
+    if self._simko is None and not self._passk_entropy:
         return
-    ensure_experience_fields()
     # Instance attributes: only this trainer's policy and loss change, not the reference model.
     self.actor.forward = functools.partial(_actor_forward, self, self.actor.forward)
-    self.actor_loss_fn.forward = functools.partial(_loss_forward, self, self.actor_loss_fn.forward)
+    if self._simko is not None:
+        ensure_experience_fields()
+        self.actor_loss_fn.forward = functools.partial(_loss_forward, self, self.actor_loss_fn.forward)
 
 
 def _training_step(original, self, experience, *args, **kwargs):
@@ -270,8 +282,9 @@ def _training_step(original, self, experience, *args, **kwargs):
     flat_ids = getattr(experience, "simko_topk_ids", None)
     if flat_ids is None:
         raise RuntimeError(
-            "--simko is on but this batch has no SimKO top-K ids: the experience maker (driver) ran "
-            "without the openrlhf-passk patches. Install openrlhf-passk in the driver's environment too."
+            "--simko is on but this batch has no SimKO top-K ids: the experience maker (in OpenRLHF's "
+            "PPOTrainer Ray actor) ran without the openrlhf-passk patches. Install openrlhf-passk in the Ray "
+            "workers' environment too, and leave OPENRLHF_PASSK_DISABLE unset there."
         )
     k = self._simko["k"]
     batch, num_actions = experience.action_mask.shape
@@ -296,7 +309,7 @@ def _training_step(original, self, experience, *args, **kwargs):
 
 def _policy_actor_forward(original, self, *args, **kwargs):
     trainer = getattr(self, "trainer", None)
-    if getattr(trainer, "_simko", None) is None:
+    if getattr(trainer, "_simko", None) is None and not getattr(trainer, "_passk_entropy", False):
         return original(self, *args, **kwargs)
     trainer._simko_state = {"mode": "rollout"}
     try:
@@ -304,17 +317,17 @@ def _policy_actor_forward(original, self, *args, **kwargs):
         state = trainer._simko_state
     finally:
         trainer._simko_state = None
-    return {
-        "action_log_probs": action_log_probs,
-        "simko_topk_ids": state["topk_ids"].to("cpu", torch.int32),
-        "simko_entropy": state["entropy"].to("cpu"),
-        "simko_top1_prob": state["top1_prob"].to("cpu"),
-    }
+    out = {"action_log_probs": action_log_probs, "simko_entropy": state["entropy"].to("cpu")}
+    if "topk_ids" in state:
+        out["simko_topk_ids"] = state["topk_ids"].to("cpu", torch.int32)
+        out["simko_top1_prob"] = state["top1_prob"].to("cpu")
+    return out
 
 
 def _maker_init(original, self, *args, **kwargs):
     original(self, *args, **kwargs)
     self._simko = _config(self.strategy.args)
+    self._passk_entropy = config.entropy_estimator(self.strategy.args)
     self._simko_rollout = None
     if self._simko is not None:
         ensure_experience_fields()
@@ -322,24 +335,38 @@ def _maker_init(original, self, *args, **kwargs):
 
 def _flatten_results(original, self, refs, duplicate_factor):
     results = original(self, refs, duplicate_factor)
-    if results and isinstance(results[0], dict) and "simko_topk_ids" in results[0]:
+    if results and isinstance(results[0], dict) and "simko_entropy" in results[0]:
         self._simko_rollout = results
         return [r["action_log_probs"] for r in results]
     return results
 
 
 def _make_experience(original, self, samples_list):
-    if getattr(self, "_simko", None) is None:
+    entropy_for = getattr(self, "_passk_entropy", None)
+    if getattr(self, "_simko", None) is None and entropy_for is None:
         return original(self, samples_list)
     self._simko_rollout = None
     experiences = original(self, samples_list)
     rollout, self._simko_rollout = self._simko_rollout, None
     if rollout is None or len(rollout) != len(experiences):
-        raise RuntimeError(
-            "--simko is on but the policy actors returned no SimKO top-K ids: the openrlhf-passk patches "
-            "are not active in the Ray workers (is openrlhf-passk installed in the workers' environment, "
-            "and OPENRLHF_PASSK_DISABLE unset there?)"
+        needs = (
+            "--simko needs the old policy's top-K ids"
+            if entropy_for is None
+            else (f"the {entropy_for!r} advantage estimator needs each response's token entropy")
         )
+        raise RuntimeError(
+            f"{needs} from the policy's rollout-time forward, but the policy Ray actors returned none: the "
+            "openrlhf-passk patches are not active in the Ray workers (is openrlhf-passk installed in the "
+            "workers' environment, and OPENRLHF_PASSK_DISABLE unset there?)"
+        )
+    for experience, out in zip(experiences, rollout, strict=True):
+        if entropy_for is not None:
+            mask = experience.action_mask.bool()
+            # Mean over the response's tokens; an empty response (no action tokens) gets 0, not NaN.
+            entropy = (out["simko_entropy"].float() * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1)
+            experience.info[ENTROPY_INFO] = entropy
+    if self._simko is None:
+        return experiences
     cfg = self._simko
     for experience, out in zip(experiences, rollout, strict=True):
         mask = experience.action_mask.bool()
