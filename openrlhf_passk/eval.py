@@ -16,7 +16,8 @@ Three ways in (exactly one per call):
                          overlay the overall curves of earlier eval runs on one plot.
 
 Outputs in --out: passk.json (settings, per-maze counts, pass@k overall and per maze size), passk.csv
-(scope,k,pass_at_k,num_mazes), passk.png; with --model also samples.jsonl (re-scorable with --samples).
+(scope,k,pass_at_k,num_mazes), passk.png, all three or none; with --model also samples.jsonl (written
+first, re-scorable with --samples). Exit status: 2 for a wrong flag, 1 for bad data or a failed run.
 pass@k is the unbiased estimator 1 - C(n-c,k)/C(n,k) per maze (ALGORITHMS.md section 4), averaged over mazes.
 """
 
@@ -28,6 +29,10 @@ import sys
 from pathlib import Path
 
 PassAtK = dict[int, float]
+
+
+class UsageError(ValueError):
+    """A wrong flag or flag combination (exit 2); other errors are about the data or the run (exit 1)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +81,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{lineno}: JSON nested too deeply to read (expected a flat object)") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append((lineno, row))
@@ -154,9 +161,9 @@ def summarize(counts: list[dict], ks: list[int] | None = None) -> dict:
     min_n = min(m["n"] for m in counts)
     ks = sorted(set(ks)) if ks else default_ks(min_n)
     if ks[0] < 1:
-        raise ValueError(f"k must be >= 1, got {ks[0]}")
+        raise UsageError(f"k must be >= 1, got {ks[0]}")
     if ks[-1] > min_n:
-        raise ValueError(f"k={ks[-1]} is larger than n={min_n} (the fewest responses any maze has); "
+        raise UsageError(f"k={ks[-1]} is larger than n={min_n} (the fewest responses any maze has); "
                          f"pass k values <= {min_n} with --k, or sample more responses")
 
     def curve(rows: list[dict]) -> PassAtK:
@@ -220,16 +227,26 @@ def plot_curves(curves: dict[str, PassAtK], path: Path, title: str) -> None:
 
 
 def write_outputs(counts: list[dict], ks: list[int] | None, settings: dict, out: Path, title: str) -> dict:
-    """Summarise counts and write passk.json / passk.csv / passk.png into `out`; returns the JSON object."""
+    """Summarise counts and write passk.json / passk.csv / passk.png into `out`; returns the JSON object.
+
+    All or nothing: the three files are written under temporary names and renamed only once all three
+    exist, so a failing plot never leaves a new passk.json beside an old passk.png.
+    """
+    import tempfile
+
     summary = summarize(counts, ks)
     out.mkdir(parents=True, exist_ok=True)
     result = {**settings, **summary, "per_maze": counts}
-    (out / "passk.json").write_text(json.dumps(result, indent=1) + "\n")
-    write_csv(summary, out / "passk.csv")
     curves = {"all sizes": summary["overall"]}
     if len(summary["by_size"]) > 1:
         curves.update({f"{s}x{s}": c for s, c in summary["by_size"].items()})
-    plot_curves(curves, out / "passk.png", title)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".passk-") as tmp:
+        staged = Path(tmp)
+        (staged / "passk.json").write_text(json.dumps(result, indent=1) + "\n")
+        write_csv(summary, staged / "passk.csv")
+        plot_curves(curves, staged / "passk.png", title)
+        for name in ("passk.json", "passk.csv", "passk.png"):
+            (staged / name).replace(out / name)
     return result
 
 
@@ -300,38 +317,53 @@ def generate(args: argparse.Namespace, prompts: list[str | list[dict]]) -> list[
 
 # --------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> int:
+    """Exit 0; 2 for a wrong flag (UsageError); 1 for bad data, a missing file or a failed run."""
     try:
         return _run(args)
-    except (ValueError, OSError) as e:  # OSError: transformers cannot find or read the --model path
+    except UsageError as e:
         print(f"openrlhf-passk eval: error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, OSError) as e:  # OSError: transformers cannot find or read the --model path
+        print(f"openrlhf-passk eval: error: {e}", file=sys.stderr)
+        return 1
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.k is not None and min(args.k) < 1:
-        raise ValueError(f"--k values must be >= 1, got {min(args.k)}")
+        raise UsageError(f"--k values must be >= 1, got {min(args.k)}")
     if args.compare:
         return _compare(args)
     if args.model:
         if args.data is None:
-            raise ValueError("--model needs --data (the maze JSONL to evaluate on, e.g. from `maze generate`)")
+            raise UsageError("--model needs --data (the maze JSONL to evaluate on, e.g. from `maze generate`)")
         if args.n < 1:
-            raise ValueError(f"--n must be >= 1, got {args.n}")
+            raise UsageError(f"--n must be >= 1, got {args.n}")
         if args.k and max(args.k) > args.n:
-            raise ValueError(f"--k {max(args.k)} is larger than --n {args.n}: pass@k needs n >= k")
+            raise UsageError(f"--k {max(args.k)} is larger than --n {args.n}: pass@k needs n >= k")
         records = load_prompts(args.data)
         responses = generate(args, [r["prompt"] for r in records])
         args.out.mkdir(parents=True, exist_ok=True)
-        with (args.out / "samples.jsonl").open("w") as f:
-            for r, resp in zip(records, responses, strict=True):
-                r["responses"] = resp
-                f.write(json.dumps({"label": r["label"], "size": r["size"], "responses": resp}) + "\n")
+        # Written first and on its own (atomically): the samples cost a generation run, and they can be
+        # re-scored with --samples if a later step fails.
+        lines = []
+        for r, resp in zip(records, responses, strict=True):
+            r["responses"] = resp
+            lines.append(json.dumps({"label": r["label"], "size": r["size"], "responses": resp}) + "\n")
+        staged = args.out / ".samples.jsonl.tmp"
+        staged.write_text("".join(lines))
+        staged.replace(args.out / "samples.jsonl")
         source = {"model": args.model, "data": str(args.data), "n": args.n, "temperature": args.temperature,
                   "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     else:
         records = load_samples(args.samples)
         source = {"samples": str(args.samples)}
     counts = score_records(records, args.mode)
+    ns = sorted({m["n"] for m in counts})
+    if len(ns) > 1:
+        # The unbiased estimator needs k <= n for every maze, so the fewest responses cap k.
+        capped = f"k is capped at {ns[0]}" if args.k is None else f"--k must stay <= {ns[0]}"
+        print(f"note: responses per maze are uneven, {ns[0]} to {ns[-1]} ({sum(m['n'] == ns[0] for m in counts)} "
+              f"maze(s) have {ns[0]}); {capped}, the fewest any maze has")
     name = args.name or (Path(args.model).name if args.model else args.samples.stem)
     result = write_outputs(counts, args.k, {"name": name, "mode": args.mode, **source}, args.out,
                            args.title or f"pass@k: {name}")
@@ -343,20 +375,25 @@ def _run(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     if args.labels and len(args.labels) != len(args.compare):
-        raise ValueError(f"--labels has {len(args.labels)} names for {len(args.compare)} --compare files")
+        raise UsageError(f"--labels has {len(args.labels)} names for {len(args.compare)} --compare files")
     curves: dict[str, PassAtK] = {}
     for i, path in enumerate(args.compare):
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read an eval result ({e})") from None
+        except (OSError, json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}: cannot read an eval result ({type(e).__name__}: {e})") from None
         if not isinstance(data, dict) or not isinstance(data.get("overall"), dict) or not data["overall"]:
             raise ValueError(f"{path}: field 'overall' (pass@k by k) is missing; expected a passk.json "
                              "written by `openrlhf-passk eval`")
         label = args.labels[i] if args.labels else data.get("name") or path.stem
         curves[label] = {int(k): float(v) for k, v in data["overall"].items()}
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_curves(curves, args.out / "compare.png", args.title or "pass@k")
+    staged = args.out / ".compare.png.tmp.png"  # written aside, then renamed into place
+    try:
+        plot_curves(curves, staged, args.title or "pass@k")
+        staged.replace(args.out / "compare.png")
+    finally:
+        staged.unlink(missing_ok=True)
     for label, curve in curves.items():
         print(label + ": " + ", ".join(f"pass@{k}={v:.3f}" for k, v in sorted(curve.items())))
     print(f"wrote {args.out / 'compare.png'}")

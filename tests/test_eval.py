@@ -109,11 +109,45 @@ def test_compare_overlays_runs(tmp_path, sample_rows):
     assert main(["eval", "--compare", *files, "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
     assert main(["eval", "--compare", *files, "--labels", "only-one", "--out", str(tmp_path / "cmp")]) == 2
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.png"]
 
 
-def _err(capsys, argv: list[str]) -> str:
-    assert main(argv) == 2
-    return capsys.readouterr().err
+def test_outputs_are_all_or_nothing(tmp_path, sample_rows, monkeypatch, capsys):
+    from openrlhf_passk import eval as eval_cli
+
+    path = write_jsonl(tmp_path / "s.jsonl", [{"label": m.grid, "responses": r} for m, _, r in sample_rows])
+    out = tmp_path / "o"
+    assert main(["eval", "--samples", str(path), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["passk.csv", "passk.json", "passk.png"]
+
+    def broken_plot(curves, target, title):
+        target.write_bytes(b"half a png")
+        raise OSError("the plot backend failed")
+
+    monkeypatch.setattr(eval_cli, "plot_curves", broken_plot)
+    assert main(["eval", "--samples", str(path), "--mode", "reference", "--out", str(out)]) == 1
+    assert "the plot backend failed" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old set intact, nothing staged left
+
+
+def test_uneven_response_counts_are_noted(tmp_path, sample_rows, capsys):
+    rows = [{"label": m.grid, "responses": r[: 6 - i]} for i, (m, _, r) in enumerate(sample_rows[:3])]
+    path = write_jsonl(tmp_path / "u.jsonl", rows)  # 6, 5 and 4 responses
+    assert main(["eval", "--samples", str(path), "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "note: responses per maze are uneven, 4 to 6 (1 maze(s) have 4); k is capped at 4" in printed
+    assert json.loads((tmp_path / "o" / "passk.json").read_text())["ks"] == [1, 2, 4]
+    assert main(["eval", "--samples", str(path), "--k", "1", "--out", str(tmp_path / "o")]) == 0
+    assert "--k must stay <= 4" in capsys.readouterr().out
+
+
+def _err(capsys, argv: list[str], code: int = 1) -> str:
+    """stderr of a failing eval: exit 1 for bad data or files, 2 for a wrong flag."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
 
 
 def test_bad_inputs_name_the_problem(tmp_path, capsys, sample_rows):
@@ -142,10 +176,18 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys, sample_rows):
     assert "e.jsonl:1: not valid JSON" in _err(capsys, ["eval", "--samples", str(tmp_path / "e.jsonl"), *out])
 
     path = write_jsonl(tmp_path / "f.jsonl", [{"label": m.grid, "responses": ["a", "b", "c"]}])
-    err = _err(capsys, ["eval", "--samples", str(path), "--k", "4", *out])
+    err = _err(capsys, ["eval", "--samples", str(path), "--k", "4", *out], code=2)
     assert "k=4 is larger than n=3" in err
 
-    assert "needs --data" in _err(capsys, ["eval", "--model", str(tmp_path), *out])
+    (tmp_path / "g.jsonl").write_text("[" * 100000 + "\n")
+    err = _err(capsys, ["eval", "--samples", str(tmp_path / "g.jsonl"), *out])
+    assert "g.jsonl:1: JSON nested too deeply" in err
+
+    assert "needs --data" in _err(capsys, ["eval", "--model", str(tmp_path), *out], code=2)
+    assert "--k values must be >= 1" in _err(capsys, ["eval", "--samples", str(path), "--k", "0", *out], code=2)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000)
+    assert "RecursionError" in _err(capsys, ["eval", "--compare", str(deep), *out])
     assert not (tmp_path / "o").exists()  # nothing half-written on bad input
 
 

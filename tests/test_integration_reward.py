@@ -127,10 +127,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.server.posts.append(self.path)
+        self.server.auth.append(self.headers.get("Authorization"))
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.send_response(500)
+        status = self.server.post_status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
         self.end_headers()
-        self.wfile.write(b'{"error": "boom"}')
+        self.wfile.write(b'{"rewards": [1.0], "scores": [1.0]}' if status == 200 else b'{"error": "boom"}')
 
     def log_message(self, *args):
         pass
@@ -140,6 +143,7 @@ class _Handler(BaseHTTPRequestHandler):
 def http_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.posts, server.health_calls, server.health_starting = [], 0, 0
+    server.auth, server.post_status = [], 500
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -230,7 +234,8 @@ def test_wait_ready_waits_for_a_starting_server(http_server):
     http_server.health_starting = 2  # answers 503 twice, as our server does before its self-check
     url = f"http://127.0.0.1:{http_server.server_port}/?token={TOKEN}"
     detail = reward.wait_ready(url, wait_s=30, flag="--remote_rm_url", interval=0.05)
-    assert detail.endswith("/health answered 200") and http_server.health_calls == 3
+    assert "/health answered 200; a probe sample was answered 500" in detail and http_server.health_calls == 3
+    assert http_server.posts == [f"/?token={TOKEN}"]  # one probe sample, after /health said ready
 
 
 def test_check_sources_reward_files(tmp_path):
@@ -256,3 +261,117 @@ def test_check_sources_urls_probe_only_in_dry_run(http_server):
     assert len(warnings) == 1 and down in warnings[0]
     report, warnings = reward.check_sources(down, "--reward.remote_url", dry_run=False)
     assert "health" not in report[0] and warnings == [] and http_server.health_calls == 1
+
+
+# --- the reward token (contract C5) and the probe sample (issue 15 item 3) ----------------------------
+
+
+def test_token_env_makes_openrlhfs_client_send_a_bearer_header(http_server, monkeypatch):
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    http_server.post_status = 200
+    url = f"http://127.0.0.1:{http_server.server_port}/reward"
+    monkeypatch.delenv(reward.TOKEN_ENV, raising=False)
+    assert run_sample(SingleTurnAgentExecutor(remote_rm_url=url))["reward"] == [1.0]
+    monkeypatch.setenv(reward.TOKEN_ENV, TOKEN)
+    assert run_sample(SingleTurnAgentExecutor(remote_rm_url=url))["reward"] == [1.0]
+    assert http_server.auth == [None, f"Bearer {TOKEN}"] and http_server.posts == ["/reward", "/reward"]
+
+
+def test_token_header_with_openrlhf_0_9_10(http_server, subprocess_env):
+    old = os.path.join(os.path.dirname(__file__), "..", ".venv", "openrlhf-0.9.10")
+    if not os.path.isdir(old):
+        pytest.skip("the 0.9.10 copy from `make install` is not present")
+    http_server.post_status = 200
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import openrlhf
+        from test_integration_reward import run_sample
+        from openrlhf.utils.agent import SingleTurnAgentExecutor
+        url = "http://127.0.0.1:{http_server.server_port}/"
+        print("VERSION", openrlhf.__file__, "REWARD", run_sample(SingleTurnAgentExecutor(remote_rm_url=url))["reward"])
+        """
+    )
+    path = os.pathsep.join([os.path.abspath(old), subprocess_env["PYTHONPATH"]])
+    env = {**subprocess_env, "PYTHONPATH": path, reward.TOKEN_ENV: TOKEN}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "openrlhf-0.9.10" in run.stdout and "REWARD [1.0]" in run.stdout
+    assert http_server.auth == [f"Bearer {TOKEN}"]
+
+
+def test_empty_token_env_stops_the_run_naming_the_variable(http_server, monkeypatch, quick_retries):
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    http_server.post_status = 200
+    monkeypatch.setenv(reward.TOKEN_ENV, "")
+    with pytest.raises(RuntimeError, match=f"{reward.TOKEN_ENV} is set but empty"):
+        run_sample(SingleTurnAgentExecutor(remote_rm_url=f"http://127.0.0.1:{http_server.server_port}/"))
+    assert http_server.posts == []  # nothing was sent without the token
+    with pytest.raises(ValueError, match=f"{reward.TOKEN_ENV} is set but empty"):
+        reward.check_sources(f"http://127.0.0.1:{http_server.server_port}/", "--remote_rm_url", dry_run=False)
+
+
+def test_refused_token_is_redacted_in_the_failure_message(http_server, monkeypatch, quick_retries):
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    http_server.post_status = 401
+    monkeypatch.setenv(reward.TOKEN_ENV, "env-token-77")
+    url = f"http://127.0.0.1:{http_server.server_port}/reward?token={TOKEN}"
+    with pytest.raises(RuntimeError) as info:
+        run_sample(SingleTurnAgentExecutor(remote_rm_url=url))
+    message = str(info.value)
+    assert "401" in message and "Unauthorized" in message and "/reward?..." in message
+    assert TOKEN not in message and "env-token-77" not in message
+    assert reward.redact_text("Bearer env-token-77 at http://h/?token=x&y=1") == "Bearer *** at http://h/?..."
+
+
+def test_probe_sample_fails_a_wrong_token_in_dry_run_and_real_run(http_server, monkeypatch):
+    monkeypatch.setenv(reward.TOKEN_ENV, TOKEN)
+    url = f"http://127.0.0.1:{http_server.server_port}/reward"
+    http_server.post_status = 200
+    report, warnings = reward.check_sources(url, "--remote_rm_url", dry_run=True)
+    assert report[0]["probe_sample"] == "a probe sample was answered 200" and warnings == []
+    assert http_server.auth == [f"Bearer {TOKEN}"]
+    for status in (401, 403):
+        http_server.post_status = status
+        with pytest.raises(ValueError) as info:
+            reward.check_sources(url, "--remote_rm_url", dry_run=True)
+        message = str(info.value)
+        assert f"refused a probe sample with {status}" in message and reward.TOKEN_ENV in message
+        assert "Bearer header" in message and TOKEN not in message
+    # A real run: the pre-training wait fails the same way, and wrap_train exits with the message.
+    with pytest.raises(RuntimeError, match="the reward token is missing or wrong"):
+        reward.wait_ready(url, wait_s=5, flag="--remote_rm_url", interval=0.05)
+    monkeypatch.delenv(reward.TOKEN_ENV)
+    started = []
+    with pytest.raises(SystemExit) as info:
+        reward.wrap_train(started.append, [url + f"?token={TOKEN}"], 5, "--remote_rm_url")("args")
+    assert "no ?token=" not in str(info.value) and "the URL's ?token=" in str(info.value)
+    assert TOKEN not in str(info.value) and started == []
+
+
+def test_probe_sample_against_the_real_server(monkeypatch):
+    """Our own server accepts the probe sample with the right token and refuses it without."""
+    import uvicorn
+
+    from openrlhf_passk.rewards.server import create_app
+    from openrlhf_passk.tasks.maze import score
+
+    assert score(reward.PROBE_SAMPLE["query"][0], reward.PROBE_SAMPLE["labels"][0]) == 1.0
+
+    config = uvicorn.Config(create_app(token=TOKEN), host="127.0.0.1", port=closed_port(), log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{config.port}/"
+        monkeypatch.setenv(reward.TOKEN_ENV, TOKEN)
+        assert "answered 200" in reward.wait_ready(url, wait_s=30, flag="--remote_rm_url", interval=0.1)
+        monkeypatch.setenv(reward.TOKEN_ENV, "wrong")
+        assert reward.probe_sample(url)[0] is False
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -1,16 +1,21 @@
-"""The reward source, checked loudly: before training (file loads, server answers /health) and per sample.
+"""The reward source, checked loudly: before training (file loads, server answers /health and accepts a
+probe sample with our token) and per sample.
 
 Upstream `SingleTurnAgentExecutor.execute` catches any reward error, logs it at INFO and leaves the
 sample's reward None; training then fails or hangs far from the cause. `patch_agent` turns that into an
-ERROR log naming the source plus a RuntimeError that stops the run. OPENRLHF_PASSK_DISABLE=1 keeps
-upstream's behaviour (nothing is patched).
+ERROR log naming the source plus a RuntimeError that stops the run. It also makes upstream's HTTP reward
+client send `Authorization: Bearer <token>` when OPENRLHF_PASSK_REWARD_TOKEN is set (upstream sends no
+headers, so a token could otherwise only ride in the URL, which OpenRLHF prints). OPENRLHF_PASSK_DISABLE=1
+keeps upstream's behaviour (nothing is patched).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import logging
+import os
 import re
 import sys
 import time
@@ -27,6 +32,28 @@ from typing import Any
 # ContextVar, because upstream posts from tasks it creates, which run in copies of the caller's context.
 _trace: ContextVar[list | None] = ContextVar("openrlhf_passk_reward_trace", default=None)
 DEFAULT_WAIT_S = 300
+TOKEN_ENV = "OPENRLHF_PASSK_REWARD_TOKEN"
+# One tiny valid maze sample ("R" walks from S to E): a server of ours answers 200, and any server that
+# checks a token answers 401/403 to a wrong one, which /health (open to probes) cannot reveal.
+PROBE_SAMPLE = {"query": ["<answer>R</answer>"], "prompts": [""], "labels": ["SE"]}
+
+
+def reward_token() -> str | None:
+    """The token from OPENRLHF_PASSK_REWARD_TOKEN (None when unset); ValueError when set but empty,
+    because silently sending no token would turn a misconfigured Secret into 401s far from the cause."""
+    if TOKEN_ENV not in os.environ:
+        return None
+    token = os.environ[TOKEN_ENV].strip()
+    if not token:
+        raise ValueError(f"{TOKEN_ENV} is set but empty: set it to the reward server's token, or unset it")
+    return token
+
+
+def redact_text(text: str) -> str:
+    """`text` with URL query strings and the reward token replaced: safe to print or log."""
+    text = re.sub(r"\?[^'\"\s)]*", "?...", text)
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return text.replace(token, "***") if token else text
 
 
 def sources(value: str | list[str] | None) -> list[str]:
@@ -87,13 +114,17 @@ def probe(url: str, timeout: float = 3.0) -> tuple[bool, str]:
 
 
 def wait_ready(url: str, wait_s: float, flag: str, interval: float = 1.0) -> str:
-    """Poll `url`'s /health until it answers, up to `wait_s` seconds; RuntimeError naming the URL if not."""
+    """Poll `url`'s /health until it answers, up to `wait_s` seconds, then send one probe sample;
+    RuntimeError naming the URL if it never answers, or naming the token on 401/403."""
     deadline = time.monotonic() + wait_s
     announced = False
     while True:
         ready, detail = probe(url, timeout=max(0.1, min(3.0, deadline - time.monotonic())))
         if ready:
-            return detail
+            accepted, sample = probe_sample(url)
+            if not accepted:
+                raise RuntimeError(f"{flag}: {sample}")
+            return f"{detail}; {sample}"
         if time.monotonic() + interval > deadline:
             raise RuntimeError(
                 f"the reward server {redact(url)} ({flag}) is not ready after {wait_s:g} s: {detail}. Start it "
@@ -106,10 +137,42 @@ def wait_ready(url: str, wait_s: float, flag: str, interval: float = 1.0) -> str
         time.sleep(interval)
 
 
+def probe_sample(url: str, timeout: float = 10.0) -> tuple[bool, str]:
+    """POST one tiny sample to `url` as OpenRLHF's client would (with our Bearer header when the token
+    variable is set): (False, message naming the token) on 401/403, else (True, what happened)."""
+    headers = {"Content-Type": "application/json"}
+    token = reward_token()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=json.dumps(PROBE_SAMPLE).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return True, f"a probe sample was answered {response.status}"
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            sent = [f"env {TOKEN_ENV} as a Bearer header"] if token else []
+            sent += ["the URL's ?token="] if "token=" in urllib.parse.urlsplit(url).query else []
+            where = " and ".join(sent) or f"none: no ?token= in the URL and no env {TOKEN_ENV}"
+            return False, (
+                f"the reward server {redact(url)} refused a probe sample with {exc.code}: the reward token is "
+                f"missing or wrong (token used: {where}). Set the server's token in {TOKEN_ENV} where OpenRLHF's "
+                "driver and rollout workers run, or in the URL's ?token="
+            )
+        return True, f"a probe sample was answered {exc.code} (only 401/403 fail this check)"
+    except (urllib.error.URLError, OSError) as exc:
+        return True, f"a probe sample got no answer: {redact_text(str(getattr(exc, 'reason', exc)))}"
+
+
 def check_sources(value: Any, flag: str, dry_run: bool) -> tuple[list[dict], list[str]]:
     """Validation-time checks of the reward flag: .py files must load (ValueError otherwise); in a dry run
-    each URL is probed once and reported, never waited for. Returns (report, warnings)."""
+    each URL is probed once (/health, then one sample: 401/403 is a ValueError naming the token) and
+    reported, never waited for. Returns (report, warnings)."""
     report, warnings = [], []
+    if any(is_http(s) for s in sources(value)):
+        try:
+            reward_token()
+        except ValueError as exc:
+            raise ValueError(f"{flag}: {exc}") from None
     for source in sources(value):
         if source.endswith(".py"):
             try:
@@ -122,7 +185,11 @@ def check_sources(value: Any, flag: str, dry_run: bool) -> tuple[list[dict], lis
             if dry_run:
                 ready, detail = probe(source, timeout=2.0)
                 entry["health"] = detail
-                if not ready:
+                if ready:
+                    accepted, entry["probe_sample"] = probe_sample(source)
+                    if not accepted:
+                        raise ValueError(f"{flag}: {entry['probe_sample']}")
+                else:
                     warnings.append(
                         f"reward server {redact(source)} is not reachable from here ({detail}); a real run "
                         "waits --passk_reward_wait seconds for it, then stops"
@@ -140,7 +207,7 @@ def wrap_train(train, urls: list[str], wait_s: float, flag: str):
         for url in urls:
             try:
                 print(f"[openrlhf-passk] reward server ready: {wait_ready(url, wait_s, flag)}", file=sys.stderr)
-            except RuntimeError as exc:
+            except (RuntimeError, ValueError) as exc:  # ValueError: the token variable is set but empty
                 sys.exit(f"[openrlhf-passk] error: {exc}")
         return train(args)
 
@@ -157,7 +224,7 @@ class _KeepRetryLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         trace = _trace.get()
         if trace is not None and record.funcName == "_post_request":
-            trace.append(re.sub(r"\?[^'\"\s]*", "?...", record.getMessage()))
+            trace.append(redact_text(record.getMessage()))
         return True
 
 
@@ -197,7 +264,7 @@ def _checked_fetch(fetch):
 def _failure_message(endpoints: list[str], trace: list) -> tuple[str, BaseException | None]:
     errors = [e for e in trace if isinstance(e, BaseException)]
     cause = errors[-1] if errors else None
-    what = f"{type(cause).__name__}: {cause}" if cause else "no reward (upstream logged why at INFO above)"
+    what = redact_text(f"{type(cause).__name__}: {cause}") if cause else "no reward (upstream logged why at INFO above)"
     source = ", ".join(redact(e) for e in endpoints)
     if endpoints[0].endswith(".py"):
         fix = (
@@ -224,8 +291,27 @@ def _failure_message(endpoints: list[str], trace: list) -> tuple[str, BaseExcept
 _logged_traceback: list[bool] = []
 
 
+def _aiohttp_with_token(aiohttp: ModuleType) -> ModuleType:
+    """A copy of the `aiohttp` module whose ClientSession sends `Authorization: Bearer <token>` when
+    OPENRLHF_PASSK_REWARD_TOKEN is set (read per session, so the engine actor's environment counts).
+    Upstream's reward client (0.11.2 and 0.9.10) opens `aiohttp.ClientSession(timeout=...)` per request
+    inside `_fetch_rewards_via_http`; swapping the name its module sees changes nothing else."""
+    patched = ModuleType(aiohttp.__name__, aiohttp.__doc__)
+    patched.__dict__.update(aiohttp.__dict__)
+
+    def client_session(*args, **kwargs):
+        token = reward_token()
+        if token:
+            kwargs["headers"] = {**(kwargs.get("headers") or {}), "Authorization": f"Bearer {token}"}
+        return aiohttp.ClientSession(*args, **kwargs)
+
+    patched.ClientSession = client_session
+    return patched
+
+
 def patch_agent(module: ModuleType) -> None:
-    """Make a failed reward call raise instead of giving the sample reward None (see the module doc)."""
+    """Make a failed reward call raise instead of giving the sample reward None, and send the reward
+    token as a Bearer header (see the module doc)."""
     cls = module.SingleTurnAgentExecutor
     execute = cls.execute
     logger = module.logger
@@ -247,6 +333,7 @@ def patch_agent(module: ModuleType) -> None:
         return output
 
     cls.execute = execute_or_raise
+    module.aiohttp = _aiohttp_with_token(module.aiohttp)
     cls._fetch_rewards_via_func = _checked_fetch(cls._fetch_rewards_via_func)
     cls._fetch_rewards_via_http = _checked_fetch(cls._fetch_rewards_via_http)
     logger.addFilter(_KeepRetryLines())

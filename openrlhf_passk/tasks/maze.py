@@ -16,11 +16,14 @@ with a string, which CPython hashes with SHA-512):
 
 from __future__ import annotations
 
-import functools
+import itertools
+import math
 import random
 import re
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 WALL, OPEN, START, END = "*", ".", "S", "E"
 ALLOWED = frozenset(WALL + OPEN + START + END)
@@ -46,17 +49,56 @@ class Maze:
 # Grid parsing and validation
 
 
-def _parse(grid: str) -> tuple[tuple[str, ...], tuple[int, int], tuple[int, int]]:
-    """(rows, start, end) of a well-formed grid; ValueError otherwise."""
+class Grid(NamedTuple):
+    """A parsed, well-formed grid: its rows, 'S' and 'E' as (row, column), whether E is reachable, and
+    the rows flattened with a wall border (`flat`, row length `stride`) for fast walks."""
+
+    rows: tuple[str, ...]
+    start: tuple[int, int]
+    end: tuple[int, int]
+    solvable: bool
+    flat: str
+    stride: int
+
+
+# The reward side scores many responses against the same few thousand labels, so parsed grids are
+# cached, bounded by an estimate of their bytes (not by count: one 101x101 label weighs as much as a
+# hundred 9x9 ones). A lock, because the reward server scores in a thread pool.
+CACHE_BYTES = 32 * 1024 * 1024
+_cache: OrderedDict[str, tuple[Grid, int]] = OrderedDict()
+_cache_state = {"bytes": 0}
+_cache_lock = threading.Lock()
+
+
+def parse_grid(grid: str) -> Grid:
+    """The parsed `grid` (cached); ValueError saying what is wrong and where if it is malformed."""
     if not isinstance(grid, str):
         raise ValueError(f"invalid maze grid: expected a string, got {type(grid).__name__}")
-    # Only maze-sized grids are cached, so a flood of huge labels cannot pin memory.
-    return _parse_str(grid) if len(grid) <= 10_000 else _parse_str.__wrapped__(grid)
+    with _cache_lock:
+        hit = _cache.get(grid)
+        if hit is not None:
+            _cache.move_to_end(grid)
+            return hit[0]
+    parsed = _parse(grid)
+    # Key, rows and flat each hold the text once; about 60 bytes of object header per row string.
+    size = 3 * len(grid) + 60 * len(parsed.rows) + 200
+    if size <= CACHE_BYTES // 16:
+        with _cache_lock:
+            if grid not in _cache:
+                _cache[grid] = (parsed, size)
+                _cache_state["bytes"] += size
+            while _cache_state["bytes"] > CACHE_BYTES:
+                _, (_, dropped) = _cache.popitem(last=False)
+                _cache_state["bytes"] -= dropped
+    return parsed
 
 
-@functools.lru_cache(maxsize=8192)
-def _parse_str(grid: str) -> tuple[tuple[str, ...], tuple[int, int], tuple[int, int]]:
-    # Cached: the reward side scores many responses against the same few thousand labels.
+def cache_bytes() -> int:
+    """The parse cache's current size estimate in bytes (at most CACHE_BYTES)."""
+    return _cache_state["bytes"]
+
+
+def _parse(grid: str) -> Grid:
     rows = tuple(grid.strip().split("\n"))
     if rows == ("",):
         raise ValueError(
@@ -77,12 +119,16 @@ def _parse_str(grid: str) -> tuple[tuple[str, ...], tuple[int, int], tuple[int, 
                 f"invalid maze grid: row {r} column {row.index(c)} holds {c!r}; "
                 "only '*' (wall), '.' (open), 'S' (start) and 'E' (end) are allowed"
             )
-        starts += [(r, c) for c, ch in enumerate(row) if ch == START]
-        ends += [(r, c) for c, ch in enumerate(row) if ch == END]
+        if START in row:
+            starts += [(r, c) for c, ch in enumerate(row) if ch == START]
+        if END in row:
+            ends += [(r, c) for c, ch in enumerate(row) if ch == END]
     for name, found in (("S", starts), ("E", ends)):
         if len(found) != 1:
             raise ValueError(f"invalid maze grid: expected exactly one '{name}', found {len(found)}")
-    return rows, starts[0], ends[0]
+    start, end = starts[0], ends[0]
+    dist, _, w = _bfs(rows, start, counts=False)
+    return Grid(rows, start, end, dist[(end[0] + 1) * w + end[1] + 1] >= 0, *_padded(rows))
 
 
 def validate_grid(grid: str) -> None:
@@ -91,20 +137,29 @@ def validate_grid(grid: str) -> None:
     Well-formed: rectangular rows joined by "\\n" (surrounding whitespace is ignored), only the
     characters '*', '.', 'S', 'E', exactly one 'S' and one 'E'. Solvability is checked by `solve`.
     """
-    _parse(grid)
+    parse_grid(grid)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Breadth-first search: distances, number of shortest routes, one shortest path
 
 
-def _bfs(rows: tuple[str, ...], source: tuple[int, int]) -> tuple[list[int], list[int], int]:
+def _padded(rows: tuple[str, ...]) -> tuple[str, int]:
+    """The rows as one string with a wall border, and its row length: a step is +-1 or +-stride, and
+    stepping off the grid lands on a wall, so walks need no bounds checks."""
+    w = len(rows[0]) + 2
+    return WALL * w + "".join(WALL + row + WALL for row in rows) + WALL * w, w
+
+
+def _bfs(
+    rows: tuple[str, ...], source: tuple[int, int], counts: bool = True
+) -> tuple[list[int], list[int], int]:
     """Distances and shortest-route counts from `source` over a flat grid padded with a wall border.
 
     Returns (dist, count, padded_width); -1 marks unreachable. Padding removes bounds checks.
+    `counts=False` skips the route counts, which grow into huge integers on large open grids.
     """
-    w = len(rows[0]) + 2
-    flat = WALL * w + "".join(WALL + row + WALL for row in rows) + WALL * w
+    flat, w = _padded(rows)
     dist = [-1] * len(flat)
     count = [0] * len(flat)
     src = (source[0] + 1) * w + source[1] + 1
@@ -122,7 +177,7 @@ def _bfs(rows: tuple[str, ...], source: tuple[int, int]) -> tuple[list[int], lis
                 dist[j] = d
                 count[j] = count[i]
                 queue.append(j)
-            elif dist[j] == d:
+            elif counts and dist[j] == d:
                 count[j] += count[i]
     return dist, count, w
 
@@ -147,7 +202,7 @@ def _shortest(rows: tuple[str, ...], start: tuple[int, int], end: tuple[int, int
 
 def solve(grid: str) -> str:
     """A shortest L/R/U/D path from 'S' to 'E'. ValueError if the grid is malformed or unsolvable."""
-    rows, start, end = _parse(grid)
+    rows, start, end, *_ = parse_grid(grid)
     found = _shortest(rows, start, end)
     if found is None:
         raise ValueError("invalid maze grid: 'E' cannot be reached from 'S'")
@@ -226,6 +281,21 @@ def generate(size: int, seed: int, loops: float = 0.0) -> Maze:
     return Maze("\n".join(rows), start, end, solution, len(solution), n_shortest, size, seed, float(loops))
 
 
+def max_distinct(size: int, loops: float = 0.0) -> int:
+    """An upper bound on the number of distinct mazes `generate(size, *, loops)` can return.
+
+    The open passages between cells are a spanning tree plus round(loops * removable walls) more, so
+    they are one of C(passages, that many) subsets; S and E are two different cells. Exact enough for
+    the small sizes where it matters (5x5: 48, of which 40 occur; 7x7: 35,640).
+    """
+    n = (size - 1) // 2
+    cells = n * n
+    passages = 2 * n * (n - 1)  # between horizontally or vertically adjacent cells
+    removable = passages - (cells - 1)
+    opened = cells - 1 + int(loops * removable + 0.5)
+    return math.comb(passages, opened) * cells * (cells - 1)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Scoring
 
@@ -280,18 +350,24 @@ def _reference_text(response: str) -> str:
     return "".join(out)
 
 
-def _walk(rows: tuple[str, ...], start: tuple[int, int], moves: str) -> float:
-    """1.0 iff following the L/R/U/D letters of `moves` (others skipped) stays on open cells and ends on E."""
-    height, width = len(rows), len(rows[0])
-    r, c = start
-    for ch in moves:
-        step = MOVES.get(ch)
-        if step is None:
-            continue
-        r, c = r + step[0], c + step[1]
-        if not (0 <= r < height and 0 <= c < width) or rows[r][c] == WALL:
+_NOT_MOVES = re.compile(r"[^LRUD]+")
+
+
+def _walk(grid: Grid, moves: str) -> float:
+    """1.0 iff following the L/R/U/D letters of `moves` (others skipped) stays on open cells and ends on E.
+
+    Off the grid counts as a wall (the padded border). Positions are summed in C (accumulate); Python
+    only looks at each cell, since responses of a million moves must score in well under a second.
+    """
+    w = grid.stride
+    step = {"L": -1, "R": 1, "U": -w, "D": w}
+    flat = grid.flat
+    start = (grid.start[0] + 1) * w + grid.start[1] + 1
+    # `initial` makes the first item the start itself, so `here` is bound even without moves.
+    for here in itertools.accumulate(map(step.__getitem__, _NOT_MOVES.sub("", moves)), initial=start):  # noqa: B007
+        if flat[here] == WALL:
             return 0.0
-    return 1.0 if rows[r][c] == END else 0.0
+    return 1.0 if flat[here] == END else 0.0
 
 
 def score(response: str, grid: str, mode: str = "strict") -> float:
@@ -308,14 +384,18 @@ def score(response: str, grid: str, mode: str = "strict") -> float:
       The public verifier crashes on a grid without 'S'; here both modes raise ValueError for any
       malformed grid (see `validate_grid`), so a bad label is never silently scored 0.
     """
-    rows, start, _ = _parse(grid)
+    return score_parsed(response, parse_grid(grid), mode)
+
+
+def score_parsed(response: str, grid: Grid, mode: str = "strict") -> float:
+    """`score` against an already parsed grid (see `parse_grid`): the reward side parses each label once."""
     if not isinstance(response, str):
         raise ValueError(f"response must be a string, got {type(response).__name__}")
     if mode == "strict":
         path = parse_answer(response)
-        return 0.0 if path is None else _walk(rows, start, path)
+        return 0.0 if path is None else _walk(grid, path)
     if mode == "reference":
-        return _walk(rows, start, _reference_text(response).upper())
+        return _walk(grid, _reference_text(response).upper())
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 

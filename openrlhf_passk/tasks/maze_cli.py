@@ -3,14 +3,18 @@
 Each row: {"prompt", "label" (the grid), "solution", "size", "length", "n_shortest", "seed", "loops"};
 train with `--prompt_data DIR/train.jsonl --input_key prompt --label_key label`. With
 `--format messages` the prompt is a chat-message list (for `--apply_chat_template`). Every row is
-reproducible alone: `generate(row["size"], row["seed"], row["loops"])`.
+reproducible alone: `generate(row["size"], row["seed"], row["loops"])`. A non-empty --out needs
+--force; both files are replaced together or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -72,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", required=True, type=Path, help="output folder for train.jsonl and test.jsonl"
     )
+    parser.add_argument(
+        "--force", action="store_true", help="replace train.jsonl and test.jsonl in a non-empty --out"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -80,13 +87,35 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from openrlhf_passk.tasks.maze import generate, render_messages, render_prompt
+    from openrlhf_passk.tasks.maze import generate, max_distinct, render_messages, render_prompt
 
     if args.system and args.format != "messages":
         print("error: --system needs --format messages", file=sys.stderr)
         return 2
     test_sizes = args.test_sizes or args.sizes
     plan = [("test", s, args.test) for s in test_sizes] + [("train", s, args.train) for s in args.sizes]
+    # Up front, so an impossible request fails in milliseconds instead of after minutes of attempts.
+    for size in dict.fromkeys(test_sizes + args.sizes):
+        wanted = sum(n for _, s, n in plan if s == size)
+        bound = max_distinct(size, args.loops)
+        if wanted > bound:
+            asks = " and ".join(f"--{split} {n}" for split, s, n in plan if s == size and n)
+            print(
+                f"error: at most {bound} distinct {size}x{size} mazes exist (with --loops {args.loops:g}), but "
+                f"{asks} ask for {wanted} of that size; lower the counts or use larger --sizes/--test-sizes",
+                file=sys.stderr,
+            )
+            return 2
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file; pass a folder", file=sys.stderr)
+        return 2
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
+        print(
+            f"error: --out {args.out} is not empty; pass --force to replace train.jsonl and test.jsonl there "
+            "(other files are left alone), or choose a new folder",
+            file=sys.stderr,
+        )
+        return 2
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -137,14 +166,22 @@ def run(args: argparse.Namespace) -> int:
             bar.update()
     bar.close()
 
-    for split, items in rows.items():
-        path = args.out / f"{split}.jsonl"
-        try:
-            with open(path, "w", encoding="utf-8") as f:
+    # Both files or neither: write temporary files next to the targets, then rename them (atomic on one
+    # file system), so a failed write never leaves a new train.jsonl beside an old test.jsonl.
+    temps: dict[str, str] = {}
+    try:
+        for split, items in rows.items():
+            fd, temps[split] = tempfile.mkstemp(dir=args.out, prefix=f".{split}.jsonl.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row) + "\n" for row in items)
-        except OSError as e:
-            print(f"error: cannot write {path}: {e}", file=sys.stderr)
-            return 1
+        for split, temp in temps.items():
+            os.replace(temp, args.out / f"{split}.jsonl")
+    except OSError as e:
+        for temp in temps.values():
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+        print(f"error: cannot write train.jsonl and test.jsonl in {args.out}: {e}", file=sys.stderr)
+        return 1
 
     print(f"{'split':<6} {'size':>4} {'count':>6} {'len mean':>8} {'min':>4} {'max':>4} {'multi-route':>11}")
     for split, size, _ in plan:
