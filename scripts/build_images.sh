@@ -16,7 +16,10 @@ source "$here/lib/common.sh"
 repo=$(cd "$here/.." && pwd)
 
 VERSION=${VERSION:-$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/pyproject.toml")}
-[[ $VERSION =~ ^[0-9A-Za-z.+-]+$ ]] || die "VERSION: cannot read the version from pyproject.toml (set VERSION=x.y.z)"
+# A Docker tag allows letters, digits, '_', '.' and '-' (no '+': PEP 440 local versions need another spelling).
+[[ -n $VERSION ]] || die "VERSION: cannot read the version from pyproject.toml (set VERSION=x.y.z)"
+[[ $VERSION =~ ^[0-9A-Za-z_][0-9A-Za-z_.-]*$ ]] ||
+    die "VERSION '$VERSION' is not a valid Docker tag (letters, digits, '_', '.', '-'; no '+'): set VERSION=x.y.z"
 if [[ -z ${VCS_REF:-} ]]; then
     VCS_REF=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
     if [[ -n $(git -C "$repo" status --porcelain 2>/dev/null) ]]; then

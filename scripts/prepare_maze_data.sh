@@ -8,10 +8,12 @@
 #   OUT_DIR=data/maze  SIZES=9,11,13,15  TEST_SIZES=7,9,11,13,15,17,19,21  N_TRAIN=10000  N_TEST=100  SEED=0
 #   FORCE=1   regenerate even if the set on disk was made with the same parameters
 #   DRY_RUN=1 print the command and exit
+#   PRINT_STAMP=1 print the .done stamp these parameters give, and exit (scripts/render_k8s.py uses it)
 #
 # $OUT_DIR/.done is written LAST and holds the parameters: a set is reused only when .done matches the
 # current parameters (otherwise it is regenerated, stale or half-written), and readers such as the
-# RayJob's init container wait for .done, not for the data files, so they never read a partial set.
+# RayJob's wait-for-inputs container wait until .done holds exactly these parameters, not for the data
+# files or any .done, so they never read a partial set or one left by an earlier parameter set.
 # The files are generated in $OUT_DIR/.partial and moved into place, so a reader never sees half a file.
 set -euo pipefail
 # shellcheck source=scripts/lib/common.sh
@@ -38,6 +40,10 @@ need_int SEED 0
 [[ -n $OUT_DIR ]] || die "OUT_DIR must not be empty"
 
 stamp="sizes=$SIZES test_sizes=$TEST_SIZES n_train=$N_TRAIN n_test=$N_TEST seed=$SEED format=1"
+if [[ ${PRINT_STAMP:-0} == 1 ]]; then
+    echo "$stamp"
+    exit 0
+fi
 if [[ ${FORCE:-0} != 1 && -f $OUT_DIR/.done && $(<"$OUT_DIR/.done") == "$stamp" ]]; then
     echo "data in $OUT_DIR already made with these parameters ($stamp); set FORCE=1 to regenerate"
     exit 0

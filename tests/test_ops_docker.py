@@ -215,7 +215,11 @@ def test_compose_passes_every_recipe_variable(compose):
     assert {k: env[k] for k in fixed} == fixed
     assert "NUM_NODES" not in env and env["EXTRA_ARGS"] == "${EXTRA_ARGS:-}"
     # Secrets: no value, so compose passes them only when set in the shell (an empty token is an error).
-    assert env["WANDB_API_KEY"] is None and env["OPENRLHF_PASSK_REWARD_TOKEN"] is None
+    # `${HF_TOKEN:-}` would also print the secret in `docker compose config`: no secret may have a value.
+    assert env["WANDB_API_KEY"] is None and env["OPENRLHF_PASSK_REWARD_TOKEN"] is None and env["HF_TOKEN"] is None
+    text = (DOCKER / "compose.yaml").read_text()
+    for secret in ("HF_TOKEN", "WANDB_API_KEY", "OPENRLHF_PASSK_REWARD_TOKEN"):
+        assert "${" + secret not in text, secret
     assert compose["services"]["reward"]["environment"]["OPENRLHF_PASSK_REWARD_TOKEN"] is None
 
 

@@ -6,6 +6,7 @@ other (GPUs, volumes, labels, service names, paths, network policies, storage si
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -50,7 +51,9 @@ def all_docs() -> list[tuple[str, dict]]:
 
 
 def by_kind(kind: str) -> list[dict]:
-    return [d for _, d in all_docs() if d["kind"] == kind]
+    """The shipped documents of a kind (k8s/*.yaml), or the examples' for kinds only they have."""
+    shipped = [d for p in sorted(K8S.glob("*.yaml")) for d in docs(p) if d["kind"] == kind]
+    return shipped or [d for _, d in all_docs() if d["kind"] == kind]
 
 
 def pod_templates(job: dict) -> dict[str, dict]:
@@ -201,10 +204,19 @@ def test_rayjob_structure(path):
             ]
         assert template["spec"]["securityContext"]["runAsNonRoot"] is True
     head_ports = {p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
-    wait = head["template"]["spec"]["initContainers"][0]
-    assert int({e["name"]: e["value"] for e in wait["env"]}["WAIT_SECONDS"]) < spec["activeDeadlineSeconds"]
     assert {6379, 8265, 10001} <= head_ports
-    assert spec["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
+    # The input wait runs in the submitter (restartPolicy Never: a failed wait fails the submitter Job,
+    # then the RayJob), never in a Ray pod, whose restartPolicy Always would retry it while GPUs are held.
+    submitter = spec["submitterPodTemplate"]["spec"]
+    assert submitter["restartPolicy"] == "Never"
+    assert [c["name"] for c in submitter["initContainers"]] == ["wait-for-inputs"]
+    assert "command" not in submitter["containers"][0]  # KubeRay then fills in `ray job submit`
+    for group in [head, *groups]:
+        assert "initContainers" not in group["template"]["spec"]
+    # Every attempt of the submitter and of the RayJob may wait in full: all of it fits the deadline.
+    wait = {e["name"]: e["value"] for e in submitter["initContainers"][0]["env"]}
+    attempts = (spec["submitterConfig"]["backoffLimit"] + 1) * (spec["backoffLimit"] + 1)
+    assert int(wait["WAIT_SECONDS"]) * attempts < spec["activeDeadlineSeconds"] / 2
 
 
 @pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
@@ -293,8 +305,8 @@ def test_reward_server_is_hardened_and_reachable_only_from_training():
     for path in RAYJOBS:
         job = docs(path)[0]
         for name, template in pod_templates(job).items():
-            expected = name != "submitter"  # head (readiness wait) and workers (rollouts) score; others not
-            assert admitted(template["metadata"]["labels"]) is expected, f"{path.name} {name}"
+            # head (the driver), workers (rollouts) and the submitter (readiness wait): all of a RayJob
+            assert admitted(template["metadata"]["labels"]), f"{path.name} {name}"
     assert not admitted(by_kind("Job")[0]["spec"]["template"]["metadata"]["labels"])
     assert not admitted({})
     # The trainers call this Service's name and port.
@@ -304,9 +316,10 @@ def test_reward_server_is_hardened_and_reachable_only_from_training():
         assert url.startswith(f"http://{service['metadata']['name']}:{port}/")
 
 
-def admits(policy: dict, pod_labels: dict, namespace: str | None, port: int) -> bool:
+def admits(policy: dict, pod_labels: dict, namespace: str | None, port: int, ip: str | None = None) -> bool:
     """Whether an ingress NetworkPolicy lets a pod (labels; namespace None = the policy's own) reach
-    `port`: the rules as Kubernetes reads them (peers are ORed; within a selector, all terms must hold)."""
+    `port`: the rules as Kubernetes reads them (peers are ORed; within a selector, all terms must hold).
+    With `ip`, the sender is an address no pod selector matches (a hostNetwork pod, a node)."""
 
     def selects(selector: dict, labels: dict) -> bool:
         exprs = selector.get("matchExpressions", [])
@@ -318,7 +331,12 @@ def admits(policy: dict, pod_labels: dict, namespace: str | None, port: int) -> 
         if "ports" in rule and port not in {p["port"] for p in rule["ports"]}:
             continue
         for peer in rule["from"]:
-            if "namespaceSelector" in peer:
+            if ip is not None:
+                if "ipBlock" in peer and ipaddress.ip_address(ip) in ipaddress.ip_network(peer["ipBlock"]["cidr"]):
+                    return True
+            elif "ipBlock" in peer:
+                continue
+            elif "namespaceSelector" in peer:
                 if namespace is not None and selects(
                     peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace}
                 ):
@@ -421,8 +439,8 @@ def test_rayjob_entrypoint_is_the_scripts_command(path):
 @pytest.mark.parametrize("path", RAYJOBS, ids=lambda p: p.name)
 def test_secrets_come_from_secrets_not_from_the_spec(path):
     (job,) = docs(path)
-    text = path.read_text().lower()
-    assert "token=" not in text and "wandb.key " not in job["spec"]["entrypoint"].replace("from-env", "")
+    assert "token=" not in path.read_text().lower()
+    assert_no_secret_in_the_command(job)
     (deployment,) = by_kind("Deployment")
     reward_env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     reward_ref = reward_env["OPENRLHF_PASSK_REWARD_TOKEN"]["valueFrom"]["secretKeyRef"]
@@ -435,6 +453,37 @@ def test_secrets_come_from_secrets_not_from_the_spec(path):
             assert ref["optional"] is True and "value" not in env[var], f"{name}: {var}"
         # The trainers send the same token the server checks.
         assert env["OPENRLHF_PASSK_REWARD_TOKEN"]["valueFrom"]["secretKeyRef"] == reward_ref
+
+
+WANDB_PLACEHOLDER = "from-env:WANDB_API_KEY"  # OpenRLHF needs a non-empty key; wandb reads the real one
+
+
+def assert_no_secret_in_the_command(job: dict) -> None:
+    flags = command_flags(job)
+    assert flags.get("--logger.wandb.key", [WANDB_PLACEHOLDER]) == [WANDB_PLACEHOLDER], "a wandb key in the spec"
+
+
+def test_wandb_rendering_keeps_the_key_out_of_the_command(tmp_path):
+    """With --wandb-project the logger is switched on by the placeholder, never a key; and the check above
+    catches a real key (it is not satisfied by the shipped files' lack of wandb alone)."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "render_k8s.py"), "--out", str(tmp_path), "--wandb-project", "passk"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    jobs = sorted(tmp_path.glob("rayjob-*.yaml"))
+    assert len(jobs) == len(SHIPPED_RAYJOBS)
+    for path in jobs:
+        (job,) = docs(path)
+        flags = command_flags(job)
+        assert flags["--logger.wandb.key"] == [WANDB_PLACEHOLDER] and flags["--logger.wandb.project"] == ["passk"]
+        assert_no_secret_in_the_command(job)
+        env = {e["name"]: e for e in pod_templates(job)["head"]["spec"]["containers"][0]["env"]}
+        assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "wandb"
+    leaked = job["spec"]["entrypoint"].replace(WANDB_PLACEHOLDER, "0123456789abcdef")
+    with pytest.raises(AssertionError, match="a wandb key in the spec"):
+        assert_no_secret_in_the_command({"spec": {"entrypoint": leaked}})
 
 
 def test_renderer_refuses_a_token_in_the_reward_url(tmp_path):
@@ -540,29 +589,139 @@ def test_multinode_network_is_opt_in():
         assert "hostNetwork" not in text and "IPC_LOCK" not in text and "NCCL_" not in text, path.name
 
 
-def test_head_waits_for_the_data_jobs_done_stamp(tmp_path):
-    """The init container waits for the stamp prepare_maze_data.sh writes last, and gives up in time."""
-    (data_job,) = by_kind("Job")
-    out_dir = {e["name"]: e["value"] for e in data_job["spec"]["template"]["spec"]["containers"][0]["env"]}[
-        "OUT_DIR"
-    ]
-    wait = docs(SHIPPED_RAYJOBS[0])[0]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"][
-        "initContainers"
-    ][0]
-    script = wait["command"][2]
-    assert f'"{out_dir}/.done"' in script and "train.jsonl" not in script
-    assert "$OUT_DIR/.done" in (REPO / "scripts" / "prepare_maze_data.sh").read_text()
-    # Run it with a 1 s budget, the stamp path on a temporary folder and an unreachable server.
-    local = script.replace(f"{out_dir}/.done", str(tmp_path / ".done")).replace(
-        "http://passk-reward:5000", "http://127.0.0.1:9"
+def render_to(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "render_k8s.py"), "--out", str(tmp_path), *flags],
+        capture_output=True,
+        text=True,
     )
-    (tmp_path / ".done").write_text("x")
-    out = subprocess.run(
-        [sys.executable, "-c", local], env={**os.environ, "WAIT_SECONDS": "1"}, capture_output=True, text=True,
-        timeout=120,
+
+
+def test_host_network_workers_are_admitted_by_node_address(tmp_path):
+    """hostNetwork workers send from node addresses, which no podSelector matches: with --host-network
+    both policies admit --node-cidr (Ray: any port; reward server: 5000), and nothing else by address."""
+    out = render_to(tmp_path, "--host-network", "--node-cidr", "10.1.0.0/16", "--node-cidr", "192.168.8.0/24")
+    assert out.returncode == 0, out.stderr
+    (ray,) = docs(tmp_path / "ray-networkpolicy.yaml")
+    reward = [d for d in docs(tmp_path / "reward-server.yaml") if d["kind"] == "NetworkPolicy"][0]
+    for ip in ("10.1.2.3", "192.168.8.200"):
+        for port in (6379, 8265, 10001, 12345):
+            assert admits(ray, {}, None, port, ip=ip), (ip, port)
+        assert admits(reward, {}, None, 5000, ip=ip)
+    for ip in ("10.2.0.1", "192.168.9.1"):
+        assert not admits(ray, {}, None, 6379, ip=ip) and not admits(reward, {}, None, 5000, ip=ip)
+    worker = docs(tmp_path / "rayjob-passk-2x8.yaml")[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert worker["template"]["spec"]["hostNetwork"] is True
+    # The shipped policies (no --host-network) admit no address at all.
+    (shipped,) = [p for p in by_kind("NetworkPolicy") if p["metadata"]["name"] == "passk-ray"]
+    assert "ipBlock" not in (K8S / "ray-networkpolicy.yaml").read_text() + (K8S / "reward-server.yaml").read_text()
+    assert not admits(shipped, {}, None, 6379, ip="10.1.2.3")
+
+
+def test_host_network_example_policies_match_the_example_rayjob():
+    (example,) = K8S.glob("examples/rayjob-*.yaml")
+    worker = docs(example)[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert worker["hostNetwork"] is True
+    policies = {d["metadata"]["name"]: d for d in docs(K8S / "examples" / "networkpolicies-hostnetwork.yaml")}
+    assert policies.keys() == {"passk-ray", "passk-reward"}
+    assert admits(policies["passk-ray"], {}, None, 6379, ip="10.0.1.5")
+    assert admits(policies["passk-reward"], {}, None, 5000, ip="10.0.1.5")
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--host-network"], "--host-network needs --node-cidr"),
+        (["--host-network", "--node-cidr", "10.0.0.0/33"], "--node-cidr '10.0.0.0/33' is not a network"),
+        (["--node-cidr", "10.0.0.0/16"], "--node-cidr only applies with --host-network"),
+        (["--wait-minutes", "400", "--deadline-hours", "72"], "--wait-minutes 400 x 12 attempts leaves no time"),
+    ],
+)
+def test_renderer_refuses_unsafe_network_and_wait_settings(flags, message, tmp_path):
+    out = render_to(tmp_path, *flags)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def wait_container(job: dict) -> dict:
+    (wait,) = job["spec"]["submitterPodTemplate"]["spec"]["initContainers"]
+    return wait
+
+
+def test_wait_expects_the_stamp_the_data_job_writes(tmp_path):
+    """Every RayJob waits for exactly the stamp that the data Job, run with its manifest's environment,
+    writes: a .done from another parameter set does not count."""
+    (data_job,) = by_kind("Job")
+    container = data_job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    fake = tmp_path / "fake-cli"  # writes the two files where --out points, as the real generator does
+    fake.write_text(
+        '#!/usr/bin/env bash\nwhile (($#)); do [[ $1 == --out ]] && out=$2; shift; done\n'
+        'echo "{}" >"$out/train.jsonl"; echo "{}" >"$out/test.jsonl"\n'
+    )
+    fake.chmod(0o755)
+    out_dir = tmp_path / "maze"
+    run = subprocess.run(
+        ["bash", str(REPO / "scripts" / container["command"][0])],
+        env={"PATH": os.environ["PATH"], **env, "OUT_DIR": str(out_dir), "PASSK_CLI": str(fake)},
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert out.returncode == 1 and "gave up after 1 s: data job done=True" in out.stderr
-    assert "reward server healthy=False" in out.stderr
+    assert run.returncode == 0, run.stderr
+    written = (out_dir / ".done").read_text().strip()
+    assert "n_train=10000" in written and "seed=0" in written
+    for path in RAYJOBS:
+        wait = {e["name"]: e["value"] for e in wait_container(docs(path)[0])["env"]}
+        assert wait["DATA_STAMP"] == written, path.name
+
+
+def test_submitter_waits_for_this_stamp_and_the_reward_server(tmp_path):
+    """The wait script itself: a stale stamp keeps it waiting and it gives up in time, naming both stamps;
+    with the right stamp and a healthy reward server it exits 0 (so `ray job submit` runs)."""
+    import http.server
+    import threading
+
+    wait = wait_container(docs(SHIPPED_RAYJOBS[0])[0])
+    env = {e["name"]: e["value"] for e in wait["env"]}
+    script = wait["command"][2]
+    assert '"/mnt/shared/data/maze/.done"' in script and "train.jsonl" not in script
+    assert {"name": "shared", "mountPath": "/mnt/shared", "readOnly": True} in wait["volumeMounts"]
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def run_wait(stamp: str, url: str) -> subprocess.CompletedProcess:
+        (tmp_path / ".done").write_text(stamp + "\n")
+        local = (
+            script.replace("/mnt/shared/data/maze/.done", str(tmp_path / ".done"))
+            .replace("http://passk-reward:5000", url)
+            .replace("time.sleep(10)", "time.sleep(0.2)")
+        )
+        return subprocess.run(
+            [sys.executable, "-c", local], env={**os.environ, **env, "WAIT_SECONDS": "1"}, capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+
+    try:
+        healthy = f"http://127.0.0.1:{server.server_address[1]}"
+        stale = env["DATA_STAMP"].replace("n_train=10000", "n_train=500")
+        out = run_wait(stale, healthy)  # an earlier parameter set's .done, server up: still waiting
+        assert out.returncode == 1 and "gave up after 1 s: data job: stamp 'sizes=" in out.stderr
+        assert "n_train=500" in out.stderr and f"want {env['DATA_STAMP']!r}" in out.stderr
+        assert "reward server healthy=True" in out.stderr
+        out = run_wait(env["DATA_STAMP"], "http://127.0.0.1:9")  # right data, no server
+        assert out.returncode == 1 and "data job: done" in out.stderr and "healthy=False" in out.stderr
+        out = run_wait(env["DATA_STAMP"], healthy)
+        assert out.returncode == 0, out.stderr
+    finally:
+        server.shutdown()
 
 
 def test_storage_fits_the_checkpoints_it_keeps():

@@ -107,7 +107,11 @@ BAD_INPUTS = [
     ("train_passk_slurm.sh", {}, "SLURM_JOB_NODELIST is not set: submit this script with sbatch"),
     ("train_passk_slurm.sh", {"SLURM_JOB_NODELIST": "a,b", "RECIPE": "ppo"}, "RECIPE must be passk or grpo"),
     ("train_passk_slurm.sh", {"SLURM_JOB_NODELIST": "a,b", "PASSK_K": "64"}, "PASSK_K (64) must be <="),
+    # Without Slurm only a plain comma list works (scontrol expands ranges): the message says so.
+    ("train_passk_slurm.sh", {"SLURM_JOB_NODELIST": "gpu[1-2]"}, "give a plain comma list like gpu1,gpu2"),
+    ("train_passk_slurm.sh", {"SLURM_JOB_NODELIST": "a", "SLURM_CPUS_PER_TASK": "x"}, "SLURM_CPUS_PER_TASK must be"),
     ("build_images.sh", {"VCS_REF": "abc;rm"}, "VCS_REF must be a commit id"),
+    ("build_images.sh", {"VERSION": "0.1.0+local"}, "VERSION '0.1.0+local' is not a valid Docker tag"),
     ("submit_rayjob.sh", {"RUNTIME_ENV_JSON": "{oops"}, "RUNTIME_ENV_JSON is not valid JSON"),
     ("prepare_maze_data.sh", {"SIZES": "9,10"}, "SIZES: every maze size must be odd and >= 5, got 10"),
     ("prepare_maze_data.sh", {"TEST_SIZES": "7;9"}, "TEST_SIZES must be a comma list"),
@@ -236,6 +240,69 @@ def test_slurm_script_starts_ray_on_every_node_then_runs_the_recipe(data_dir):
     assert train == shlex.split(direct.stdout.splitlines()[-1][2:])
     assert train[train.index("--actor.num_nodes") + 1] == "4"
     assert train[train.index("--ckpt.path") + 1] == "/r/passk-maze-4x8/ckpt"
+
+
+def test_slurm_script_documented_dry_run_works(data_dir):
+    """The example in the script's header runs as written (no Slurm here: no scontrol)."""
+    header = (SCRIPTS / "train_passk_slurm.sh").read_text()
+    example = re.search(r"DRY_RUN=1 SLURM_JOB_NODELIST=(\S+) \.\.\. scripts/train_passk_slurm\.sh", header)
+    assert example, "the dry-run example is gone from the header"
+    env = {"DRY_RUN": "1", "SLURM_JOB_NODELIST": example.group(1), "DATA_DIR": str(data_dir), "OUTPUT_ROOT": "/r"}
+    out = run("train_passk_slurm.sh", env)
+    assert out.returncode == 0, out.stderr
+    assert sum(line.startswith("+ srun") for line in out.stdout.splitlines()) == 2
+
+
+def fake_slurm(tmp_path: Path, dead: str) -> dict[str, str]:
+    """scontrol/srun/ray/python stand-ins: srun logs its SRUN_CPUS_PER_TASK and argv, answers `hostname
+    -I`, fails at once on node `dead` and otherwise blocks like `ray start --block`; Ray sees no GPU."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scripts = {
+        "scontrol": 'tr , "\\n" <<<"$3"\n',
+        "srun": (
+            'echo "cpus=${SRUN_CPUS_PER_TASK:-unset} $*" >>"$SRUN_LOG"\n'
+            'case " $* " in *" hostname -I "*) echo "10.0.0.1 10.9.9.9"; exit 0 ;; esac\n'
+            'args=("$@"); for i in "${!args[@]}"; do [[ ${args[i]} == -w ]] && node=${args[i+1]}; done\n'
+            '[[ $node == "$DEAD_NODE" ]] && { echo "ray start failed on $node" >&2; exit 1; }\n'
+            "exec sleep 120\n"
+        ),
+        "ray": "exit 0\n",
+        "python-fake": "echo 0\n",
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHON": str(bin_dir / "python-fake"),
+        "SRUN_LOG": str(tmp_path / "srun.log"),
+        "DEAD_NODE": dead,
+        "RAY_POLL_S": "1",
+        "RAY_WAIT_S": "60",
+    }
+
+
+@pytest.mark.parametrize("dead", ["gpu1", "gpu3"])
+def test_slurm_script_fails_at_once_when_a_ray_step_ends(dead, data_dir, tmp_path):
+    """A `ray start` step that exits (head or worker) stops the script within a poll, naming the node,
+    instead of after RAY_WAIT_S; every step gets the job's CPUs (srun does not inherit them since 22.05)."""
+    env = {
+        **fake_slurm(tmp_path, dead),
+        "SLURM_JOB_NODELIST": "gpu1,gpu2,gpu3,gpu4",
+        "SLURM_CPUS_PER_TASK": "48",
+        "DATA_DIR": str(data_dir),
+        "OUTPUT_ROOT": str(tmp_path / "runs"),
+    }
+    out = run("train_passk_slurm.sh", env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    alive, total = (0, 1) if dead == "gpu1" else (3, 4)  # a dead head is caught before the workers start
+    assert f"{alive} of {total} Ray steps running; ended on: {dead}" in out.stderr
+    assert "waiting for Ray" not in out.stdout or dead == "gpu3"
+    log = (tmp_path / "srun.log").read_text().splitlines()
+    starts = [line for line in log if " ray start " in line]
+    assert len(starts) == total and all(line.startswith("cpus=48 ") for line in starts)
+    assert all(shlex.split(line)[shlex.split(line).index("--num-cpus") + 1] == "48" for line in starts)
 
 
 def test_build_images_tags_by_version_and_commit():
