@@ -47,13 +47,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = HelpFormatter  # after add_arguments: one choice for every command
-    for action in parser._actions:
-        if action.help is None and action.default not in (None, argparse.SUPPRESS) and action.option_strings:
-            action.help = "default: %(default)s"  # argparse only expands help texts that exist
-
-
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     from openrlhf_passk import __version__
 
@@ -78,7 +71,10 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         # Only the chosen subcommand's module is imported to define its arguments.
         if _selected(name, argv):
             importlib.import_module(module).add_arguments(p)
-        _show_defaults(p)
+        p.formatter_class = HelpFormatter  # after add_arguments: one choice for every command
+        for action in p._actions:  # argparse only expands help texts that exist: give the bare options one
+            if action.help is None and action.default not in (None, argparse.SUPPRESS) and action.option_strings:
+                action.help = "default: %(default)s"
     return parser
 
 

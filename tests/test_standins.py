@@ -7,17 +7,21 @@ one child process runs the real dry run without the stubs and checks that CPU mo
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import json
+import math
 import os
 import pickle
 import subprocess
 import sys
+import sysconfig
 import types
 from pathlib import Path
 
 import pytest
 
-from openrlhf_passk.integration import config, hooks, standins, upstream
+from openrlhf_passk.integration import bootstrap, config, hooks, standins, upstream
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE = "openrlhf_passk_fake_vllm"
@@ -26,8 +30,10 @@ TARGET = "openrlhf.passk_test_cpu_target"  # never a real OpenRLHF module
 
 @pytest.fixture
 def finder(monkeypatch):
-    """A stand-in finder for FAKE only, removed afterwards with everything it served."""
-    monkeypatch.setattr(standins, "PACKAGES", (FAKE, "openrlhf_passk_fake_real"))
+    """A stand-in finder for FAKE's listed modules only, removed afterwards with everything it served."""
+    listed = [FAKE, f"{FAKE}.inputs", f"{FAKE}.distributed", f"{FAKE}.distributed.utils"]
+    real = ["openrlhf_passk_fake_real", "openrlhf_passk_fake_real.missing"]
+    monkeypatch.setattr(standins, "MODULES", frozenset([*listed, *real]))
     before = list(sys.meta_path)
     standins.install("unit test")
     yield standins.installed()
@@ -93,6 +99,67 @@ def test_other_names_are_ignored(finder):
     assert finder.find_spec(f"{FAKE}x") is None
 
 
+def test_only_listed_submodules_are_served(finder):
+    """The usual `try: import X except ImportError` probes see a package that is not installed."""
+    import openrlhf_passk_fake_vllm as fake
+    from openrlhf_passk_fake_vllm.inputs import TokensPrompt
+
+    assert "stand-in" in repr(TokensPrompt)
+    try:  # OpenRLHF's models/utils.py probe for the Triton cross-entropy
+        from openrlhf_passk_fake_vllm.ops.triton.cross_entropy import cross_entropy_loss  # noqa: F401
+
+        probe = "stand-in served"
+    except ImportError:
+        probe = "fallback"
+    assert probe == "fallback"
+    with pytest.raises(ModuleNotFoundError):
+        import openrlhf_passk_fake_vllm.inputs.deeper  # noqa: F401
+    with pytest.raises(ImportError, match="__version__"):  # not a stand-in module called __version__
+        from openrlhf_passk_fake_vllm import __version__  # noqa: F401
+    assert importlib.util.find_spec(f"{FAKE}.cute") is None  # torch inductor's kind of probe
+    assert fake.__path__ == [] and not hasattr(sys.modules[f"{FAKE}.inputs"], "__path__")
+    served = sorted(name for name in sys.modules if name.startswith(FAKE))
+    assert served == [FAKE, f"{FAKE}.inputs"]
+
+
+def _module_level_imports(package: Path) -> set[str]:
+    """vllm/flash_attn modules imported outside functions anywhere in `package`, with their parents."""
+    found: set[str] = set()
+    for file in package.rglob("*.py"):
+        todo = list(ast.parse(file.read_text(), str(file)).body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue  # runs only when called
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module]
+            else:
+                todo.extend(ast.iter_child_nodes(node))
+                continue
+            for name in names:
+                if name.partition(".")[0] in ("vllm", "flash_attn"):
+                    parts = name.split(".")
+                    found.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return found
+
+
+COPIES = {
+    "site-packages": Path(sysconfig.get_paths()["purelib"]) / "openrlhf",
+    "0.9.10 copy": REPO / ".venv" / "openrlhf-0.9.10" / "openrlhf",
+}
+
+
+@pytest.mark.parametrize("copy", list(COPIES))
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # upstream's "\\%" in math_utils.py
+def test_the_served_modules_are_what_openrlhf_imports_at_module_level(copy):
+    if not COPIES[copy].is_dir():
+        pytest.skip(f"no OpenRLHF at {COPIES[copy]}")
+    assert _module_level_imports(COPIES[copy]) == set(upstream.STANDIN_MODULES)
+    assert standins.MODULES == set(upstream.STANDIN_MODULES)
+
+
 # --- Contract C2: CPU mode, tested against a fake cpu_mode module ------------------------------------------
 
 
@@ -155,9 +222,23 @@ def test_without_the_variable_cpu_mode_is_not_touched(monkeypatch):
     monkeypatch.setattr(hooks, "_cpu_checked", False)
     monkeypatch.setattr(hooks, "_cpu_module", None)
     assert hooks._cpu_mode() is None and hooks.watched_modules() == upstream.PATCHED_MODULES
-    for value, expected in [("1", True), ("true", True), ("0", False), ("", False), ("no", False)]:
-        monkeypatch.setenv(hooks.CPU_ENV, value)
-        assert hooks.cpu_requested() is expected
+
+
+OFF = ["", "0", "false", "False", "no", "NO", "off", " Off "]
+ON = ["1", "true", "yes", "on", "TRUE", "2"]
+
+
+@pytest.mark.parametrize(
+    ("variable", "reader"),
+    [(hooks.DRY_RUN_ENV, hooks.dry_run_requested), (hooks.CPU_ENV, hooks.cpu_requested),
+     (bootstrap.DISABLE_ENV, bootstrap.disabled)],
+)
+def test_one_rule_for_every_on_off_variable(variable, reader, monkeypatch):
+    monkeypatch.delenv(variable, raising=False)
+    assert reader() is False
+    for value in OFF + ON:
+        monkeypatch.setenv(variable, value)
+        assert reader() is (value in ON), f"{variable}={value!r}"
 
 
 # A child without tests/stubs on the path: the README's dry run on the plain `make install` venv. It runs
@@ -169,15 +250,29 @@ try:
     runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
 except SystemExit as exc:
     assert not exc.code, exc.code
-import importlib
+import importlib, importlib.util
 from openrlhf_passk.integration import upstream
 for name in sorted(upstream.PATCHED_MODULES):
     importlib.import_module(name)
 import vllm, flash_attn.bert_padding
+# Upstream's own probes must see "not installed": models/utils.py's Triton cross-entropy (falls back to
+# torch), a version import, torch inductor's find_spec.
+import torch
+from openrlhf.models.utils import log_probs_from_logits
+logits = torch.tensor([[[0.0, 1.0, 2.0]]])
+log_probs = log_probs_from_logits(logits, torch.tensor([[2]]))
+try:
+    from vllm import __version__
+    version_import = "no error"
+except ImportError:
+    version_import = "ImportError"
 print(json.dumps({
     "cpu_code_imported": sorted(n for n in sys.modules if n.startswith("openrlhf_passk.integration.cpu")),
     "standins": [getattr(vllm, "__openrlhf_passk_standin__", None),
                  getattr(flash_attn.bert_padding, "__openrlhf_passk_standin__", None)],
+    "log_prob": round(log_probs.item(), 4),
+    "version_import": version_import,
+    "cute_spec": importlib.util.find_spec("flash_attn.cute") is not None,
 }), file=sys.stderr)
 """
 
@@ -201,7 +296,14 @@ def test_dry_run_works_without_vllm_and_cpu_mode_stays_unimported(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert _last_json(run.stdout)["dry_run"] == "configuration is valid"
     report = json.loads(run.stderr.strip().splitlines()[-1])
-    assert report == {"cpu_code_imported": [], "standins": ["dry run", "dry run"]}
+    log_prob = round(2.0 - math.log(1 + math.e + math.e**2), 4)  # log softmax of the label's logit
+    assert report == {
+        "cpu_code_imported": [],
+        "standins": ["dry run", "dry run"],
+        "log_prob": log_prob,
+        "version_import": "ImportError",
+        "cute_spec": False,
+    }
     assert "vllm is not installed: using a stand-in that fails if used (dry run)" in run.stderr
 
 

@@ -26,8 +26,14 @@ class PostImportFinder:
         return hooks.find_spec(self, name, path, target)
 
 
+def env_flag(name: str) -> bool:
+    """The one rule for every on/off variable of openrlhf-passk: unset, "", 0, false, no, off (any case,
+    surrounding spaces ignored) mean off; any other value means on."""
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return env_flag(DISABLE_ENV)
 
 
 def installed() -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 
 from openrlhf_passk import advantages
 from openrlhf_passk.integration import reward, upstream
+from openrlhf_passk.integration.bootstrap import env_flag
 
 DRY_RUN_ENV = "OPENRLHF_PASSK_DRY_RUN"
 # Registry parameter -> our flag. A flag the chosen estimator does not take is an error, not ignored.
@@ -506,7 +507,7 @@ def parse_training_args(parser, original_parse, layout: upstream.Layout, args=No
     ns = original_parse(parser, args, namespace)
     if ns.passk_estimator_module and (ns.passk_estimator_module.endswith(".py") or os.sep in ns.passk_estimator_module):
         ns.passk_estimator_module = os.path.abspath(ns.passk_estimator_module)  # Ray workers may run elsewhere
-    dry_run = os.environ.get(DRY_RUN_ENV, "").strip() not in ("", "0")
+    dry_run = env_flag(DRY_RUN_ENV)
     reward_value = upstream.arg(ns, layout.reward_dest)
     try:
         # OpenRLHF itself only fails on a missing model once Ray and the GPUs are up.

@@ -83,7 +83,7 @@ def report() -> dict:
             "importable": vllm_spec is not None,
             "location": vllm_spec.origin if vllm_spec else None,
             # Importable but without package metadata: not a real install (e.g. the CPU test stand-in).
-            "is_cpu_stand_in": (_version("vllm") is None and vllm_spec is not None),
+            "is_cpu_stand_in": versions["vllm"] is None and vllm_spec is not None,
         },
         "openrlhf": {
             "version": openrlhf,

@@ -14,6 +14,8 @@ Modes, set up at the first `openrlhf*` lookup of a process (`_activate_modes`):
 - OPENRLHF_PASSK_CPU=1: stand-ins ("CPU mode"), then `cpu_mode.activate()` once and its `PATCHES` join the
   patch table; `cpu_mode.prepare_args(args)` runs on the parsed training args. Without the variable,
   cpu_mode is never imported.
+With an OpenRLHF that cannot be patched (unknown or unsupported version), either mode stops the process with
+exit status 2 before OpenRLHF runs (see `_supported_layout`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import argparse
 import functools
 import importlib
 import importlib.abc
-import os
 import sys
 from collections.abc import Callable
 from types import ModuleType
 
 from openrlhf_passk.integration import standins, upstream
+from openrlhf_passk.integration.bootstrap import env_flag
 
 _PATCHED_ATTR = "__openrlhf_passk_patched__"
 DRY_RUN_ENV = "OPENRLHF_PASSK_DRY_RUN"  # same variable and rule as config.DRY_RUN_ENV
@@ -36,11 +38,11 @@ CPU_MODE_MODULE = "openrlhf_passk.integration.cpu_mode"
 
 
 def dry_run_requested() -> bool:
-    return os.environ.get(DRY_RUN_ENV, "").strip() not in ("", "0")
+    return env_flag(DRY_RUN_ENV)
 
 
 def cpu_requested() -> bool:
-    return os.environ.get(CPU_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return env_flag(CPU_ENV)
 
 
 def _warn_loudly(message: str) -> None:
@@ -51,18 +53,30 @@ def _warn_loudly(message: str) -> None:
 @functools.cache
 def _supported_layout() -> upstream.Layout | None:
     """Layout of the imported OpenRLHF, or None if it is missing, of unknown version or unsupported (then
-    one warning, and nothing is patched)."""
+    one warning, and nothing is patched).
+
+    A dry run or CPU mode cannot go on unpatched: without our stand-ins and checks the dry run would become
+    a real launch, and CPU mode would run CUDA code. So then the process stops (exit 2) before OpenRLHF runs.
+    """
     detected = upstream.detect_openrlhf()
     if detected.location is None:
         return None  # `import openrlhf` fails on its own, with Python's usual message
-    if detected.problem is not None:
-        _warn_loudly(f"{detected.problem}. openrlhf-passk patches NOTHING: the passk estimators are NOT available.")
-        return None
-    try:
-        return upstream.layout(detected.version)
-    except upstream.UnsupportedVersion as exc:
-        _warn_loudly(f"{exc}. The passk estimators are NOT available.")
-        return None
+    problem = detected.problem
+    if problem is None:
+        try:
+            return upstream.layout(detected.version)
+        except upstream.UnsupportedVersion as exc:
+            problem = str(exc)
+    if cpu_requested() or dry_run_requested():  # CPU mode wins when both are set, as in _activate_modes
+        if cpu_requested():
+            mode = f"{CPU_ENV} is set: CPU mode cannot run"
+        else:
+            mode = f"{DRY_RUN_ENV} is set: the dry run cannot check"
+        print(f"[openrlhf-passk] error: {problem}.", file=sys.stderr)
+        print(f"[openrlhf-passk] error: {mode} this OpenRLHF; nothing was started.", file=sys.stderr)
+        raise SystemExit(2)
+    _warn_loudly(f"{problem}. openrlhf-passk patches NOTHING: the passk estimators are NOT available.")
+    return None
 
 
 _cpu_module: ModuleType | None = None

@@ -2,11 +2,15 @@
 
 OpenRLHF imports both at module level, so without them not even its argument parser loads. `install`
 appends a finder to the END of `sys.meta_path`: every real installation is found first, and the finder
-answers only for names no other finder knows. A stand-in module imports fine, but each of its attributes is
-a placeholder that raises RuntimeError when called, instantiated or subclassed, naming the reason
-(isinstance/issubclass against one just answer False).
+answers only for the modules OpenRLHF imports at module level (`upstream.STANDIN_MODULES`) that no other
+finder knows. Any other submodule stays a plain ModuleNotFoundError, so probes such as
+`try: from flash_attn.ops.triton.cross_entropy import ... except ImportError` take upstream's fallback.
+A stand-in module imports fine, but each of its attributes is a placeholder that raises RuntimeError when
+called, instantiated or subclassed, naming the reason (isinstance/issubclass against one just answer False);
+dunders stay absent (`from vllm import __version__` is an ImportError).
 CPU mode may replace a placeholder with a working object by plain assignment (`sys.modules["vllm"].X = ...`).
-Hooks call `install("dry run")` or `install("CPU mode")`; nothing else does. Standard library only.
+Hooks call `install("dry run")` or `install("CPU mode")`; nothing else does. Standard library only (upstream is
+plain data).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import importlib.machinery
 import sys
 import types
 
-PACKAGES = ("vllm", "flash_attn")
+from openrlhf_passk.integration import upstream
+
+MODULES = frozenset(upstream.STANDIN_MODULES)
 MARK = "__openrlhf_passk_standin__"
 
 
@@ -75,13 +81,14 @@ class StandinFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.reason = reason
 
     def find_spec(self, name, path=None, target=None):
-        top = name.partition(".")[0]
-        if top not in PACKAGES:
+        if name not in MODULES:
             return None
         # A submodule is ours only under our own top-level package, never inside a real installation.
+        top = name.partition(".")[0]
         if name != top and not hasattr(sys.modules.get(top), MARK):
             return None
-        return importlib.machinery.ModuleSpec(name, self, origin="openrlhf-passk stand-in", is_package=True)
+        package = any(other.startswith(f"{name}.") for other in MODULES)
+        return importlib.machinery.ModuleSpec(name, self, origin="openrlhf-passk stand-in", is_package=package)
 
     def create_module(self, spec):
         module = StandinModule(spec.name, f"openrlhf-passk stand-in for {spec.name} ({self.reason})")
@@ -89,7 +96,6 @@ class StandinFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return module
 
     def exec_module(self, module):
-        module.__path__ = []  # a package, so `import vllm.inputs` reaches this finder again
         if "." not in module.__name__:
             print(
                 f"[openrlhf-passk] {module.__name__} is not installed: using a stand-in that fails if used "

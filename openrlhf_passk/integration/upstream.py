@@ -61,6 +61,11 @@ PATCHED_SYMBOLS: dict[str, str] = {
         "with 'rewards' (upstream's HTTP retries stay: the wrapper sits outside them)"
     ),
     f"{AGENT_MODULE}.SingleTurnAgentExecutor._fetch_rewards_via_http": "wrapped, as _fetch_rewards_via_func",
+    f"{AGENT_MODULE}.aiohttp": (
+        "module global rebound (integration/reward.py) to a copy of aiohttp whose ClientSession adds "
+        "`Authorization: Bearer $OPENRLHF_PASSK_REWARD_TOKEN` when that variable is set (the reward POST "
+        "is upstream's only aiohttp use in this module, on 0.11.2 and 0.9.10)"
+    ),
     f"{AGENT_MODULE}.logger": (
         "a logging filter (passes every record) keeps the INFO lines that upstream's inner `_post_request` "
         "(record.funcName) logs per failed HTTP try, so the final error can quote the real cause"
@@ -78,17 +83,20 @@ PATCHED_SYMBOLS: dict[str, str] = {
         "SimKO: wrapped: unpacks the policy actor's SimKO dicts into log-probs (kept for make_experience)"
     ),
     f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker.make_experience": (
-        "SimKO: wrapped: after the original, attaches ids, gate, entropy, correct and info metrics"
+        "SimKO: wrapped: after the original, attaches ids, gate, entropy, correct and info metrics; for "
+        "estimators taking `entropy` (passk_adaptive), experience.info['passk/entropy']"
     ),
     f"{PPO_ACTOR_MODULE}.ActorPPOTrainer.__init__": (
         "SimKO: wrapped: when args.simko, adds the Experience fields in the worker and wraps this trainer's "
-        "actor.forward and actor_loss_fn.forward (instance attributes, not the classes)"
+        "actor.forward and actor_loss_fn.forward (instance attributes, not the classes); actor.forward also "
+        "for estimators taking `entropy` (passk_adaptive), the loss only with --simko"
     ),
     f"{PPO_ACTOR_MODULE}.ActorPPOTrainer.training_step": (
         "SimKO: wrapped: hands the batch's ids / gate / correct to the actor and loss wrappers"
     ),
     f"{PPO_ACTOR_MODULE}.PolicyModelActor.forward (on __ray_metadata__.modified_class)": (
-        "SimKO: wrapped: returns a dict with the top-K ids, entropies, top-1 probs next to the log-probs "
+        "SimKO, or an estimator taking `entropy` (passk_adaptive): wrapped: returns a dict with per-token "
+        "entropies (plus the top-K ids and top-1 probs with --simko) next to the log-probs "
         "(checked on 0.11.2, 0.9.10 (with ray 2.55: ActorClass.__ray_metadata__.modified_class))"
     ),
     "openrlhf.models.actor.Actor.forward": (
@@ -99,6 +107,20 @@ PATCHED_SYMBOLS: dict[str, str] = {
         "SimKO: wrapped per instance: its (log_probs, old_log_probs, advantages, action_mask, ...) inputs are"
         " replaced by SimKO's; everything else passes through"
     ),
+}
+
+# The vllm / flash_attn modules OpenRLHF imports at module level (read on 0.11.2 and 0.9.10: the same lines in
+# both), with their parent packages. The dry run and CPU mode get stand-ins for exactly these (standins.py):
+# imports inside functions (models/utils.py's `try: from flash_attn.ops.triton...` probe, distributed_util's
+# vllm.distributed) must keep failing with ModuleNotFoundError, so upstream's fallbacks run.
+STANDIN_MODULES: dict[str, str] = {
+    "vllm": "trainer/ray/vllm_engine.py (import vllm), trainer/ppo_utils/samples_generator.py (SamplingParams)",
+    "vllm.inputs": "trainer/ray/vllm_engine.py (TokensPrompt)",
+    "vllm.utils": "trainer/ray/vllm_engine.py (random_uuid)",
+    "flash_attn": "parent package of the two below",
+    "flash_attn.bert_padding": "models/ring_attn_utils.py (index_first_axis, pad_input, rearrange, unpad_input)",
+    "flash_attn.utils": "parent package of flash_attn.utils.distributed",
+    "flash_attn.utils.distributed": "models/ring_attn_utils.py (all_gather)",
 }
 
 # Read, not patched: Experience.index / .rewards / .info / .action_mask, and args.<flags> in LAYOUTS.
@@ -195,12 +217,14 @@ def _package_dir() -> Path | None:
             if spec is not None:
                 origin = spec.origin
                 break
-    return Path(origin).resolve().parent if origin else None
+    # As the user set it up (a symlinked checkout keeps its own name in messages); resolved only to compare.
+    return Path(origin).absolute().parent if origin else None
 
 
 def _owns(dist: importlib.metadata.Distribution, package: Path) -> bool:
     """True when `dist` installed `package`: its RECORD lists package/__init__.py at that place, or it is
     an editable install (PEP 610 direct_url.json) of the checkout that contains the package."""
+    package = package.resolve()
     init = package / "__init__.py"
     for file in dist.files or ():
         if file.as_posix() == "openrlhf/__init__.py" and Path(dist.locate_file(file)).resolve() == init:
