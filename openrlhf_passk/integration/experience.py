@@ -159,3 +159,8 @@ def patch_trainer(module: ModuleType) -> None:
         return original(self, rollout_samples, global_step, *args, **kwargs)
 
     cls.train_step = train_step
+    # PPOTrainer is a Ray ActorClass: the trainer actor runs the class Ray wrapped at decoration time
+    # (shipped by value), which did not see the patch above, so the step clock froze inside Ray.
+    actor = getattr(getattr(module, "PPOTrainer", None), "__ray_metadata__", None)
+    if actor is not None:
+        actor.modified_class.train_step = train_step

@@ -109,6 +109,93 @@ PATCHED_SYMBOLS: dict[str, str] = {
     ),
 }
 
+# CPU mode (integration/cpu_mode.py, only with OPENRLHF_PASSK_CPU=1; none of it is imported otherwise).
+# Every upstream call CPU mode redirects: (upstream module, symbol, why, what we do instead, read on).
+CPU_REDIRECTS: tuple[dict[str, str], ...] = (
+    {
+        "module": "torch.cuda",
+        "symbol": "current_device",
+        "why": "OpenRLHF moves batches and all_reduce buffers to torch.cuda.current_device() (ppo_actor, "
+        "launcher, deepspeed.py all_reduce/all_gather, replay_buffer); a CPU-only torch raises",
+        "instead": "returns torch.device('cpu') (process-wide, CPU-mode processes only)",
+        "read_on": "0.11.2",
+    },
+    {
+        "module": "torch.cuda",
+        "symbol": "set_device",
+        "why": "DeepspeedStrategy.setup_distributed calls torch.cuda.set_device(local_rank)",
+        "instead": "no-op",
+        "read_on": "0.11.2",
+    },
+    {
+        "module": "torch.cuda",
+        "symbol": "synchronize",
+        "why": "torch_dist_barrier_and_cuda_sync, PolicyModelActor.fit, BaseModelActor.empty_cache",
+        "instead": "no-op",
+        "read_on": "0.11.2",
+    },
+    {
+        "module": "torch.cuda",
+        "symbol": "current_stream",
+        "why": "ActorPPOTrainer.broadcast_to_vllm passes stream=torch.cuda.current_stream() to the broadcast",
+        "instead": "returns None (the Ray-object group ignores it)",
+        "read_on": "0.11.2",
+    },
+    {
+        "module": "openrlhf.utils.deepspeed.deepspeed",
+        "symbol": "init_device_mesh",
+        "why": "setup_distributed builds init_device_mesh('cuda', ...)",
+        "instead": "same call with device type 'cpu' (gloo)",
+        "read_on": "0.11.2",
+    },
+    {
+        "module": "openrlhf.utils.deepspeed.deepspeed",
+        "symbol": "get_train_ds_config",
+        "why": "for the AdamW config DeepSpeed builds FusedAdam: a CUDA kernel, on its CPU accelerator a C++ op "
+        "that DeepSpeed JIT-compiles at first use; torch AdamW does the same update with nothing to build",
+        "instead": "adds optimizer.params.torch_adam=True: DeepSpeed uses torch.optim.AdamW "
+        "(--ds.adam_offload keeps DeepSpeedCPUAdam)",
+        "read_on": "0.11.2",
+    },
+    {
+        "module": "openrlhf.trainer.ppo_utils.replay_buffer",
+        "symbol": "NaiveReplayBuffer.__init__",
+        "why": "sets target_device = torch.device(f'cuda:{torch.cuda.current_device()}')",
+        "instead": "target_device = cpu",
+        "read_on": "0.11.2",
+    },
+    {
+        "module": "openrlhf.trainer.ray.vllm_engine",
+        "symbol": "create_vllm_engines",
+        "why": "vLLM needs CUDA",
+        "instead": "cpu_engine.create_cpu_engines (same signature): HF-generate Ray actors",
+        "read_on": "0.11.2",
+    },
+    {
+        "module": "openrlhf.trainer.ppo_utils.samples_generator",
+        "symbol": "SamplingParams",
+        "why": "imported from vllm (a stand-in module in CPU mode)",
+        "instead": "cpu_engine.SamplingParams (the fields OpenRLHF sets and reads)",
+        "read_on": "0.11.2",
+    },
+    {
+        "module": "openrlhf.trainer.ray.ppo_actor",
+        "symbol": "ActorPPOTrainer._init_vllm_sync_group",
+        "why": "creates a vLLM PyNcclCommunicator (or a Ray collective group, which in a process that already "
+        "has a torch.distributed default group reuses that group and never reaches the engines)",
+        "instead": "cpu_engine.RayObjectGroup: broadcast() ships each tensor to the engines through Ray; "
+        "upstream broadcast_to_vllm (gathering, update_weight calls) runs unchanged",
+        "read_on": "0.11.2",
+    },
+    {
+        "module": "ray",
+        "symbol": "init (driver only)",
+        "why": "train() calls ray.init() without num_gpus; with no GPU, actors asking num_gpus never schedule",
+        "instead": "adds num_gpus (logical) and enough logical CPUs when the caller gave none",
+        "read_on": "0.11.2",
+    },
+)
+
 # The vllm / flash_attn modules OpenRLHF imports at module level (read on 0.11.2 and 0.9.10: the same lines in
 # both), with their parent packages. The dry run and CPU mode get stand-ins for exactly these (standins.py):
 # imports inside functions (models/utils.py's `try: from flash_attn.ops.triton...` probe, distributed_util's
