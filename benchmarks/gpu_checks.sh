@@ -30,4 +30,4 @@ part reward_server 150 "$PY" benchmarks/reward_server.py --workers 8 --requests 
 part sandbox 150 "$PY" -m openrlhf_passk.cli sandbox --device cuda --sizes 5 --train-mazes 28 --test-mazes 6 \
     --sft-steps 100 --sft-batch 32 --sft-lr 3e-3 --rl-steps 2 --prompts-per-step 4 --n-samples 4 --k 2 \
     --eval-n 4 --out "${TMPDIR:-/tmp}/sandbox-gpu"
-cp "${TMPDIR:-/tmp}/sandbox-gpu/sandbox.json" "$OUT/" 2>/dev/null || true
+cp "${TMPDIR:-/tmp}/sandbox-gpu/summary.json" "$OUT/" 2>/dev/null || true
