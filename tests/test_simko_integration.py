@@ -165,9 +165,9 @@ def _rollout(up, actor):
     return up.exp.Experience.concat_experiences(samples, pad_token_id=0)
 
 
-def _make_experience(up, actor, trainer, strategy, monkeypatch):
-    """The PPOTrainer actor's make_experience with the Ray group replaced by in-process calls of the (patched)
-    PolicyModelActor.forward of a policy actor holding `actor` and `trainer`."""
+def _local_maker(up, actor, trainer, strategy, monkeypatch, maker_strategy=None):
+    """The PPOTrainer actor's experience maker with the Ray group replaced by in-process calls of the
+    (patched) PolicyModelActor.forward of a policy actor holding `actor` and `trainer`."""
     monkeypatch.setattr(up.maker, "ray", NS(put=lambda x: x, get=lambda x: x))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     worker = NS(actor=actor, trainer=trainer, strategy=strategy)
@@ -180,9 +180,14 @@ def _make_experience(up, actor, trainer, strategy, monkeypatch):
 
     group = NS(async_run_method_batch=run_batch)
     tokenizer = NS(pad_token_id=0)
-    maker = up.maker.RemoteExperienceMaker(group, None, None, None, NS(value=0.0), strategy, tokenizer)
-    batch = _rollout(up, actor)
-    (experience,) = maker.make_experience([batch])
+    return up.maker.RemoteExperienceMaker(
+        group, None, None, None, NS(value=0.0), maker_strategy or strategy, tokenizer
+    )
+
+
+def _make_experience(up, actor, trainer, strategy, monkeypatch):
+    maker = _local_maker(up, actor, trainer, strategy, monkeypatch)
+    (experience,) = maker.make_experience([_rollout(up, actor)])
     return experience
 
 
@@ -523,18 +528,7 @@ def test_adaptive_entropies_reach_the_estimator_in_prompt_order(up, monkeypatch)
     trainer, strategy = _trainer(up, actor, args, monkeypatch)
     assert trainer._simko is None and trainer._passk_entropy  # capture on, SimKO's loss off
     assert "forward" not in vars(trainer.actor_loss_fn)
-    monkeypatch.setattr(up.maker, "ray", NS(put=lambda x: x, get=lambda x: x))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    worker = NS(actor=actor, trainer=trainer, strategy=strategy)
-    forward = up.ppo_actor.PolicyModelActor.__ray_metadata__.modified_class.forward
-
-    def run_batch(method_name, **kwargs):
-        n = len(next(iter(kwargs.values())))
-        return [[forward(worker, **{key: value[i] for key, value in kwargs.items()}) for i in range(n)]]
-
-    maker = up.maker.RemoteExperienceMaker(
-        NS(async_run_method_batch=run_batch), None, None, None, NS(value=0.0), strategy, NS(pad_token_id=0)
-    )
+    maker = _local_maker(up, actor, trainer, strategy, monkeypatch)
     # Every prompt has 1 of 3 correct: grpo and passk (k=2) advantages differ, so the arm matters.
     rewards = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     samples = _adaptive_rollout(up, rewards)
@@ -577,19 +571,8 @@ def test_adaptive_without_the_capture_in_the_policy_actors_is_a_clear_error(up, 
     actor = _tiny_actor(up)
     trainer, strategy = _trainer(up, actor, _args(False), monkeypatch)
     assert not trainer._passk_entropy
-    monkeypatch.setattr(up.maker, "ray", NS(put=lambda x: x, get=lambda x: x))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    worker = NS(actor=actor, trainer=trainer, strategy=strategy)
-    forward = up.ppo_actor.PolicyModelActor.__ray_metadata__.modified_class.forward
-
-    def run_batch(method_name, **kwargs):
-        n = len(next(iter(kwargs.values())))
-        return [[forward(worker, **{key: value[i] for key, value in kwargs.items()}) for i in range(n)]]
-
     maker_strategy = NS(**{**vars(strategy), "args": _adaptive_args(0.5)})
-    maker = up.maker.RemoteExperienceMaker(
-        NS(async_run_method_batch=run_batch), None, None, None, NS(value=0.0), maker_strategy, NS(pad_token_id=0)
-    )
+    maker = _local_maker(up, actor, trainer, strategy, monkeypatch, maker_strategy)
     samples = _adaptive_rollout(up, torch.zeros(GA, NA))
     with pytest.raises(RuntimeError, match="'passk_adaptive' advantage estimator needs each response's token entropy"):
         maker.make_experience_batch(samples)
