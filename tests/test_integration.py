@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import STUB_PATHS
 
 from openrlhf_passk import advantages
 from openrlhf_passk.integration import config, upstream
@@ -264,10 +265,9 @@ OWN_PROCESS = {"entry_point"}
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
     env = dict(os.environ)
-    stubs = str(REPO / "tests" / "stubs")
     # Absolute paths: the children run in a temporary directory (and `make` passes the 0.9.10 copy relative).
     paths = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([*paths, stubs])
+    env["PYTHONPATH"] = os.pathsep.join([*paths, *STUB_PATHS])
     for key in ("OPENRLHF_PASSK_DRY_RUN", "OPENRLHF_PASSK_DISABLE"):
         env.pop(key, None)
     cwd = tmp_path_factory.mktemp("cli")

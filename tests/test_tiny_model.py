@@ -117,7 +117,7 @@ def test_cli_refuses_non_empty_out_without_force_and_bad_sizes(tmp_path: Path, c
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
     assert cli(["--out", str(tmp_path / "bad"), "--hidden", "50"]) == 2
-    assert "--hidden must be a multiple of 16" in capsys.readouterr().err
+    assert "--hidden must be a multiple of 32" in capsys.readouterr().err
     assert cli(["--out", str(tmp_path / "bad"), "--layers", "0"]) == 2
     assert "--layers must be an integer from 1 to 64" in capsys.readouterr().err
     assert cli(["--out", str(tmp_path / "bad"), "--seed", str(2**64)]) == 2

@@ -14,6 +14,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import HIDE_VLLM
 
 from openrlhf_passk.integration import hooks, upstream
 
@@ -203,7 +204,11 @@ def test_a_normal_run_never_gets_stand_ins():
     if not (OLD_COPY / "openrlhf").is_dir():
         pytest.skip("the OpenRLHF 0.9.10 copy of `make install` is missing")
     run = subprocess.run(
-        [sys.executable, "-c", CHILD, "trainer"], env=_child_env(OLD_COPY), capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", CHILD, "trainer"],
+        env={**_child_env(OLD_COPY), "PYTHONPATH": os.pathsep.join([str(HIDE_VLLM), str(OLD_COPY)])},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])

@@ -24,6 +24,7 @@ import argparse
 import functools
 import importlib
 import importlib.abc
+import os
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -102,6 +103,9 @@ def _cpu_mode() -> ModuleType | None:
 
 def _activate_modes() -> None:
     """Before any OpenRLHF code runs: stand-ins for the dry run, everything CPU mode needs."""
+    if cpu_requested() or dry_run_requested():
+        # vLLM logs to stdout by default, and OpenRLHF imports it: the dry run's JSON report owns stdout.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if _cpu_mode() is None and dry_run_requested():
         standins.install("dry run")
 
@@ -110,10 +114,11 @@ def _cpu_patches() -> dict[str, list[Callable[[ModuleType], None]]]:
     module = _cpu_mode()
     if module is None:
         return {}
-    outside = [name for name in module.PATCHES if name != "openrlhf" and not name.startswith("openrlhf.")]
+    patches = module.patches()
+    outside = [name for name in patches if name != "openrlhf" and not name.startswith("openrlhf.")]
     if outside:  # bootstrap's finder sees only `openrlhf*` imports: such a patch would never run
-        raise ImportError(f"openrlhf-passk: cpu_mode.PATCHES names modules outside openrlhf: {sorted(outside)}")
-    return module.PATCHES
+        raise ImportError(f"openrlhf-passk: cpu_mode.patches() names modules outside openrlhf: {sorted(outside)}")
+    return patches
 
 
 def watched_modules() -> frozenset[str]:
@@ -232,6 +237,9 @@ def _wrap_parse_args() -> None:
         cpu_mode = _cpu_mode()
         if cpu_mode is not None:
             cpu_mode.prepare_args(parsed)
+        from openrlhf_passk.integration import cluster
+
+        cluster.prepare(parsed)
         return parsed
 
     parse_args.__openrlhf_passk__ = True

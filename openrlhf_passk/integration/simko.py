@@ -372,7 +372,9 @@ def _make_experience(original, self, samples_list):
         mask = experience.action_mask.bool()
         ids, entropy = out["simko_topk_ids"], out["simko_entropy"].float()
         gate = entropy_gate(entropy, mask, cfg["tau"])
-        correct = (experience.rewards.float() > cfg["correct_threshold"]).float()
+        # One reward per response; an HTTP reward server's JSON list arrives as (B, 1), a reward_func's tensor as (B,).
+        rewards = experience.rewards.float().reshape(mask.shape[0])
+        correct = (rewards > cfg["correct_threshold"]).float()
         experience.simko_topk_ids = ids.reshape(ids.shape[0], -1)
         experience.simko_gate = gate
         experience.simko_entropy = entropy

