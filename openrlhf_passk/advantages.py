@@ -19,17 +19,57 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {}
+# Per-step inputs a training integration supplies to the estimators that declare them (keyword parameters
+# that are not settings): name -> what it is.
+INPUTS = {"entropy": "(G,) each prompt's mean response token entropy under the policy at rollout time"}
 
 
-def register(name: str, *, override: bool = False) -> Callable[[Callable], Callable]:
-    """Decorator: add an estimator `fn(rewards: Tensor[G, N], **params) -> Tensor[G, N]` under `name`."""
+@dataclass(frozen=True)
+class Estimator:
+    """A registered estimator and what it declares about itself (see `register`)."""
+
+    fn: Callable[..., torch.Tensor]
+    inputs: tuple[str, ...] = ()
+    binary: bool = False
+    check: Callable[[int, dict], None] | None = None
+    logs: Callable[..., dict[str, torch.Tensor]] | None = None
+    probes: Callable[[dict], list[dict]] | None = None
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register(
+    name: str,
+    *,
+    override: bool = False,
+    inputs: tuple[str, ...] = (),
+    binary: bool = False,
+    check: Callable[[int, dict], None] | None = None,
+    logs: Callable[..., dict[str, torch.Tensor]] | None = None,
+    probes: Callable[[dict], list[dict]] | None = None,
+) -> Callable[[Callable], Callable]:
+    """Decorator: add an estimator `fn(rewards: Tensor[G, N], **params) -> Tensor[G, N]` under `name`.
+
+    What it declares, so that a training integration treats every estimator, a user's included, alike:
+    - inputs: keyword parameters supplied per step rather than set by the user (names from `INPUTS`);
+    - binary: defined for 0/1 rewards only (continuous rewards or length penalties are refused up front);
+    - check(n, params): raises ValueError for settings that cannot work with n rollouts per prompt, before
+      training; the estimator's own checks of its parameters run too, on probe rewards;
+    - logs(rewards, advantages, **params): {name: (G, 1) tensor} of extra per-prompt metrics to log;
+    - probes(params): parameter variants covering every case the per-step inputs can select (used to
+      find the reward patterns that give a zero advantage before training).
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register: name must be a non-empty string, got {name!r}")
+    unknown = sorted(set(inputs) - set(INPUTS))
+    if unknown:
+        raise ValueError(f"register({name!r}): unknown inputs {unknown}; the per-step inputs are {sorted(INPUTS)}")
 
     def decorator(fn: Callable) -> Callable:
         if name in ADVANTAGE_ESTIMATORS and not override:
@@ -37,10 +77,20 @@ def register(name: str, *, override: bool = False) -> Callable[[Callable], Calla
                 f"register: an advantage estimator named {name!r} already exists; "
                 "pick another name or pass override=True to replace it"
             )
-        ADVANTAGE_ESTIMATORS[name] = fn
+        keywords, takes_any = _keywords(fn)
+        missing = [i for i in inputs if i not in keywords and not takes_any]
+        if missing:
+            raise ValueError(f"register({name!r}): inputs {missing} are not keyword parameters of {fn.__name__}")
+        ADVANTAGE_ESTIMATORS[name] = Estimator(fn, tuple(inputs), binary, check, logs, probes)
         return fn
 
     return decorator
+
+
+def unregister(name: str) -> None:
+    """Remove the estimator `name` (ValueError if there is none), e.g. one a test registered."""
+    get(name)
+    del ADVANTAGE_ESTIMATORS[name]
 
 
 def available() -> list[str]:
@@ -49,7 +99,12 @@ def available() -> list[str]:
 
 
 def get(name: str) -> Callable[..., torch.Tensor]:
-    """The estimator registered under `name` (ValueError listing the known names otherwise)."""
+    """The estimator function registered under `name` (ValueError listing the known names otherwise)."""
+    return spec(name).fn
+
+
+def spec(name: str) -> Estimator:
+    """The estimator registered under `name` with its declarations (ValueError listing the known names)."""
     if name not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {name!r}; available: {', '.join(available())}")
     return ADVANTAGE_ESTIMATORS[name]
@@ -282,7 +337,16 @@ def _passk_sorted(r: torch.Tensor, k: int) -> torch.Tensor:
     return torch.empty_like(adv).scatter_(1, order, adv)
 
 
-@register("passk_full")
+def _check_passk_full(n: int, params: dict) -> None:
+    k = params.get("k")
+    if isinstance(k, int) and k >= 1 and n % k:
+        raise ValueError(
+            f"passk_full splits the N={n} rollouts of a prompt into groups of k={k}, so N must be a multiple of k; "
+            f"choose k among {[d for d in range(1, n + 1) if n % d == 0]} or use 'passk'"
+        )
+
+
+@register("passk_full", check=_check_passk_full)
 def passk_full(rewards: torch.Tensor, *, k: int) -> torch.Tensor:
     """Full sampling: disjoint groups of k rollouts, in order; each gets its group's standardised max.
 
@@ -291,11 +355,7 @@ def passk_full(rewards: torch.Tensor, *, k: int) -> torch.Tensor:
     """
     r = _check(rewards, k)
     g, n = r.shape
-    if n % k:
-        raise ValueError(
-            f"passk_full splits the N={n} rollouts into groups of k={k}, so N must be a multiple of k; "
-            f"choose k among {[d for d in range(1, n + 1) if n % d == 0]} or use 'passk'"
-        )
+    _check_passk_full(n, {"k": k})
     group_max = r.view(g, n // k, k).amax(dim=2)
     return _standardise(group_max).repeat_interleave(k, dim=1).to(rewards.dtype)
 
@@ -388,7 +448,7 @@ def pkpo(rewards: torch.Tensor, *, k: int, baseline: str = "loo-1") -> torch.Ten
     return torch.empty_like(adv).scatter_(1, order, adv).to(rewards.dtype)
 
 
-@register("passk_combination")
+@register("passk_combination", binary=True)
 def passk_combination(rewards: torch.Tensor, *, k: int) -> torch.Tensor:
     """Combination (binary): A = (N_pos/N) A_passk + (1 - N_pos/N) A_grpo.
 
@@ -398,7 +458,7 @@ def passk_combination(rewards: torch.Tensor, *, k: int) -> torch.Tensor:
     return (share * passk(r, k=k) + (1 - share) * grpo(r)).to(rewards.dtype)
 
 
-@register("passk_exceed")
+@register("passk_exceed", binary=True)
 def passk_exceed(
     rewards: torch.Tensor, *, k: int, f: str | Callable[[torch.Tensor, int], torch.Tensor] = "linear"
 ) -> torch.Tensor:
@@ -423,7 +483,31 @@ def passk_exceed(
     return (weight[r.sum(dim=1).long()].unsqueeze(1) * passk(r, k=k)).to(rewards.dtype)
 
 
-@register("passk_adaptive")
+def _adaptive_logs(
+    rewards: torch.Tensor, advantages: torch.Tensor, *, entropy: torch.Tensor, split: float = 0.5, **_
+) -> dict[str, torch.Tensor]:
+    """Per prompt: in the Pass@1 arm (1/0), and the step's entropy split point (the same for all prompts),
+    midway between the last Pass@1 and the first Pass@k prompt's entropy."""
+    g = entropy.shape[0]
+    mask = adaptive_pass1_mask(entropy.double(), split)
+    n_pass1 = int(mask.sum())
+    values = torch.sort(entropy.double(), descending=True).values
+    if n_pass1 == 0:
+        point = values[0]
+    elif n_pass1 == g:
+        point = values[-1]
+    else:
+        point = (values[n_pass1 - 1] + values[n_pass1]) / 2
+    return {"adaptive_pass1_frac": mask.double().unsqueeze(1), "adaptive_entropy_split": point.expand(g, 1)}
+
+
+@register(
+    "passk_adaptive",
+    inputs=("entropy",),
+    logs=_adaptive_logs,
+    # All prompts in one arm or the other: a reward pattern learns nothing only if both arms give it 0.
+    probes=lambda params: [{**params, "split": 0.0}, {**params, "split": 1.0}],
+)
 def passk_adaptive(rewards: torch.Tensor, *, k: int, entropy: torch.Tensor, split: float = 0.5) -> torch.Tensor:
     """Adaptive (Chen et al. 2025, "implicit reward design"): entropy picks Pass@1 or Pass@k per prompt.
 
