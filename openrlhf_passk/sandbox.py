@@ -842,6 +842,8 @@ def statistics(runs: list[dict], test_sets: dict, k_max: int, resamples: int) ->
             c["verdict"] = "reproduced"
         elif down and c["holm_p"] <= ALPHA and spec["alternative"] == "two-sided":
             c["verdict"] = "opposite of the prediction"
+        elif c["t_interval"] is None:
+            c["verdict"] = "not detected (one seed: no seed-level interval, so no claim)"
         else:
             c["verdict"] = f"not detected (smallest detectable effect {c['mde']:.3f})"
     secondary = []
