@@ -27,7 +27,7 @@ part simko_step 150 "$PY" benchmarks/simko_step.py --device cuda --preset 0.5b
 part simko_step_1.5b 150 "$PY" benchmarks/simko_step.py --device cuda --preset 1.5b
 part simko_memory 120 "$PY" benchmarks/simko_memory.py --device cuda --tokens 1024 4096
 part reward_server 150 "$PY" benchmarks/reward_server.py --workers 8 --requests 3000 --soak-seconds 10
-part sandbox 150 "$PY" -m openrlhf_passk.cli sandbox --device cuda --sizes 5 --train-mazes 28 --test-mazes 6 \
+part sandbox 150 "$PY" -m openrlhf_passk.cli sandbox --device cuda --sizes 5 --holdout layout --train-mazes 28 --test-mazes 6 \
     --sft-steps 100 --sft-batch 32 --sft-lr 3e-3 --rl-steps 2 --prompts-per-step 4 --n-samples 4 --k 2 \
     --eval-n 4 --out "${TMPDIR:-/tmp}/sandbox-gpu"
 cp "${TMPDIR:-/tmp}/sandbox-gpu/summary.json" "$OUT/" 2>/dev/null || true
