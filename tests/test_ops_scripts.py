@@ -15,7 +15,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
-SHELL_SCRIPTS = sorted([*SCRIPTS.glob("*.sh"), *SCRIPTS.glob("lib/*.sh"), *(REPO / "benchmarks").glob("*.sh")])
+SHELL_SCRIPTS = sorted(
+    [*SCRIPTS.glob("*.sh"), *SCRIPTS.glob("lib/*.sh"), *SCRIPTS.glob("ci/*.sh"), *(REPO / "benchmarks").glob("*.sh")]
+)
 SHELLCHECK = Path(sys.executable).parent / "shellcheck"
 
 
@@ -110,6 +112,8 @@ BAD_INPUTS = [
     # Without Slurm only a plain comma list works (scontrol expands ranges): the message says so.
     ("train_passk_slurm.sh", {"SLURM_JOB_NODELIST": "gpu[1-2]"}, "give a plain comma list like gpu1,gpu2"),
     ("train_passk_slurm.sh", {"SLURM_JOB_NODELIST": "a", "SLURM_CPUS_PER_TASK": "x"}, "SLURM_CPUS_PER_TASK must be"),
+    # Checked before any node is touched: a NUM_NODES the allocation does not match is refused.
+    ("train_passk_slurm.sh", {"SLURM_JOB_NODELIST": "a,b", "NUM_NODES": "3"}, "NUM_NODES=3 but the allocation has 2"),
     ("build_images.sh", {"VCS_REF": "abc;rm"}, "VCS_REF must be a commit id"),
     ("build_images.sh", {"VERSION": "0.1.0+local"}, "VERSION '0.1.0+local' is not a valid Docker tag"),
     ("submit_rayjob.sh", {"RUNTIME_ENV_JSON": "{oops"}, "RUNTIME_ENV_JSON is not valid JSON"),

@@ -7,9 +7,10 @@ KubeRay, Slurm), the wrapper:
   bounds the connection itself (a port that is open but is not Ray's GCS);
 - forwards our own non-secret switches (`FORWARDED_ENV`) to every worker through the job's
   runtime_env: the workers of a cluster inherit the environment of the `ray start` that made their node,
-  not the driver's, so a CPU-mode driver on a cluster started without OPENRLHF_PASSK_CPU would otherwise
-  start CUDA actors. Secrets (`SECRET_ENV`) are never forwarded: Ray shows a job's runtime_env on its
-  dashboard. They must be exported on every node before `ray start`, which `_probe_nodes` checks;
+  not the driver's: a CPU-mode driver on a cluster started without OPENRLHF_PASSK_CPU would otherwise lose
+  its first actor (`No module named 'flash_attn'` in PolicyModelActor, CPU mode's stand-ins missing).
+  Secrets (`SECRET_ENV`) are never forwarded: Ray shows a job's runtime_env on its dashboard. They must
+  be exported on every node before `ray start`, which `_probe_nodes` checks;
 - checks, on every node, that the Python Ray runs there has this package and the driver's OpenRLHF.
 
 Then, for local and joined clusters alike, it refuses a cluster with fewer GPUs than the command asks for
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import socket
 import sys
 import threading
@@ -51,7 +53,7 @@ GPU_WAIT_ENV = "OPENRLHF_PASSK_GPU_WAIT_S"  # seconds a joined cluster may take 
 CHECKS_ENV = "OPENRLHF_PASSK_CLUSTER_CHECKS"  # 0: skip the GPU count and node checks (autoscaling clusters)
 DEFAULT_GPU_WAIT_S = 30.0
 PROBE_CONNECT_S = 10.0  # how long a refused or unreachable address is retried before we give up
-CONNECT_TIMEOUT_S = 45.0  # ray.init's own connection, once something answers at the address
+CONNECT_TIMEOUT_S = 120.0  # ray.init's own connection once something answers there (a loaded head is slow)
 NODE_PROBE_TIMEOUT_S = 180.0  # a task per node; its worker process may take a while to start on a busy node
 LOST_NODE_POLL_S = 5.0
 LOST_NODE_GRACE_S = 60.0
@@ -219,11 +221,12 @@ def _cluster_gpus() -> tuple[float, int]:
     return float(ray.cluster_resources().get("GPU", 0)), len(alive)
 
 
-def check_gpus(demand: tuple[int, str] | None, where: str, wait_s: float, cluster_gpus=_cluster_gpus) -> None:
+def check_gpus(demand: tuple[int, str] | None, where: str, wait_s: float, cluster_gpus=None) -> None:
     """ClusterError when the cluster has fewer GPUs than the command asks for, after waiting up to `wait_s`
     for nodes that are still joining."""
     if demand is None:
         return
+    cluster_gpus = cluster_gpus or _cluster_gpus
     need, breakdown = demand
     deadline = time.monotonic() + wait_s
     told = 0.0
@@ -301,7 +304,8 @@ def _probe_nodes(timeout_s: float = NODE_PROBE_TIMEOUT_S) -> dict[str, dict | Ba
     for node in ray.nodes():
         if node.get("Alive"):
             strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-            refs[node.get("NodeManagerAddress", node["NodeID"])] = task.options(scheduling_strategy=strategy).remote()
+            name = f"{node.get('NodeManagerAddress', '?')} (node {node['NodeID'][:8]})"  # several may share an IP
+            refs[name] = task.options(scheduling_strategy=strategy).remote()
     ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
     reports: dict[str, dict | BaseException] = {}
     for node, ref in refs.items():
@@ -364,26 +368,34 @@ _lost_nodes: set[str] = set()
 
 
 def lost_actor_error(exc: BaseException | None) -> BaseException | None:
-    """The Ray error in `exc` (or what caused it) that says an actor or a node of this run is gone, if any."""
+    """The innermost Ray error in `exc` (or what caused it) that says an actor or a node of this run is gone."""
     from ray import exceptions
 
     gone = (exceptions.RayActorError, exceptions.NodeDiedError, exceptions.OwnerDiedError)
-    seen = set()
+    found, seen = None, set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, gone):
-            return exc
+            found = exc
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
+    return found
 
 
 def lost_actor_summary(exc: BaseException, lost_nodes: set[str]) -> str:
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    nodes = f"; Ray node {', '.join(sorted(lost_nodes))} was lost" if lost_nodes else ""
+    """One line: which actor, why (its node, when Ray says so), and how to go on."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    actor = re.search(r"class_name: (\S+)", text)
+    node = re.search(r"its node has died\. Node Id: (\w+)", text)
+    if node:
+        why = f"its Ray node {node.group(1)} died"
+    elif lost_nodes:
+        why = f"Ray node {', '.join(sorted(lost_nodes))} was lost"
+    else:
+        why = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return (
-        f"{TAG} error: an actor of this run was lost ({type(exc).__name__}: {first}){nodes}. OpenRLHF does not "
-        "restart its actors, so the run cannot continue: start it again on a healthy cluster with --ckpt.load_enable "
-        "to resume from the last checkpoint (--ckpt.save_steps)"
+        f"{TAG} error: Ray lost {actor.group(1) if actor else 'an actor'} of this run ({type(exc).__name__}: {why}). "
+        "OpenRLHF does not restart its actors, so the run cannot continue: start it again on a healthy cluster with "
+        "--ckpt.load_enable to resume from the last checkpoint (--ckpt.save_steps)"
     )
 
 
@@ -401,6 +413,10 @@ def _install_excepthook() -> None:
 
     setattr(excepthook, _MARK, True)
     sys.excepthook = excepthook
+
+
+def _start_watch(job_id: str) -> None:
+    threading.Thread(target=_watch_nodes, args=(job_id, threading.Event(), LOST_NODE_GRACE_S), daemon=True).start()
 
 
 # ---- the wrapper ------------------------------------------------------------------------------------------------
@@ -476,9 +492,7 @@ def prepare(args: Any) -> None:
             if ray.is_initialized():
                 ray.shutdown()
             _refuse(str(exc))
-        job_id = ray.get_runtime_context().get_job_id()
-        stop = threading.Event()
-        threading.Thread(target=_watch_nodes, args=(job_id, stop, LOST_NODE_GRACE_S), daemon=True).start()
+        _start_watch(ray.get_runtime_context().get_job_id())
         return context
 
     setattr(init_on_cluster, _MARK, True)
