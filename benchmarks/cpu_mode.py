@@ -197,7 +197,8 @@ def main() -> int:
         if results[engine] is None:
             return 1
     load = os.getloadavg()
-    print(f"\nCPU mode, {args.steps} steps x (2 prompts x 6 samples, 16 new tokens), tiny model, {os.cpu_count()} cores,")
+    shape = f"{args.steps} steps x (2 prompts x 6 samples, 16 new tokens)"
+    print(f"\nCPU mode, {shape}, tiny model, {os.cpu_count()} cores,")
     print(f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)")
     names = list(results)
     print(f"  {'':<56}" + "".join(f"{n:>14}" for n in names) + ("   vllm / hf" if len(names) == 2 else ""))

@@ -20,9 +20,6 @@ import importlib.util
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +28,9 @@ from pathlib import Path
 import aiohttp
 
 from openrlhf_passk.tasks.maze import generate, render_prompt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from helpers import reward_server  # noqa: E402  (the tests' helper: start, wait healthy, stop)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,7 @@ async def load(url: str, payloads, concurrency: int, total: int, style: str) -> 
                     async with aiohttp.ClientSession(timeout=timeout) as session:
                         body = await post(session, payload)
                 ok = body["rewards"] == [want]
-            except (aiohttp.ClientError, asyncio.TimeoutError, KeyError):
+            except (TimeoutError, aiohttp.ClientError, KeyError):
                 ok = False
             latencies.append(time.perf_counter() - t0)
             errors += not ok
@@ -163,7 +163,7 @@ async def timed_post(session, url: str, body: bytes) -> tuple[str, float]:
         async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
             await r.read()
             status = str(r.status)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         status = type(e).__name__
     return status, time.perf_counter() - t0
 
@@ -177,7 +177,7 @@ async def slow_client(port: int, head: bytes, body: bytes = b"") -> tuple[str, f
     try:
         data = await asyncio.wait_for(reader.read(), timeout=120)
         outcome = data.split(b"\r\n", 1)[0].decode() if data else "closed"
-    except (asyncio.TimeoutError, ConnectionError) as e:
+    except (TimeoutError, ConnectionError) as e:
         outcome = type(e).__name__
     writer.close()
     return outcome, time.perf_counter() - t0
@@ -207,7 +207,7 @@ async def attack(base: str, port: int, worker_pids) -> dict:
                     async with session.get(base + "/health", timeout=aiohttp.ClientTimeout(total=10)) as r:
                         ok = r.status == 200
                         pids.add((await r.json())["pid"])
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     ok = False
                 health["n"] += 1
                 health["fail"] += not ok
@@ -341,6 +341,7 @@ def main() -> int:
     args = p.parse_args()
 
     payloads = samples(200)
+    reward_func_rate = 0.0
     if not args.skip_load:
         reward_func_rate, score_batch_rate = in_process_rate(payloads)
         print(
@@ -348,101 +349,77 @@ def main() -> int:
             f"score_batch {score_batch_rate:,.0f}/s"
         )
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.NamedTemporaryFile("w+", prefix="reward-server-", suffix=".log")
+    log_path = Path(tempfile.mkdtemp(prefix="reward-server-")) / "server.log"
     # Shorter client timeouts than the defaults (10 s headers, 30 s body), so the slow-client attacks
     # finish quickly; every other setting is the default.
-    server = subprocess.Popen(
-        [sys.executable, "-m", "openrlhf_passk.cli", "serve-reward", "--port", str(port), "--host", "127.0.0.1"]
-        + ["--workers", str(args.workers), "--max-body-bytes", str(args.max_body_bytes)]
-        + ["--header-timeout", "5", "--body-timeout", "5"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    print("server did not start", file=sys.stderr)
-                    return 1
-                time.sleep(0.2)
-        time.sleep(1.0)  # let every worker finish its start-up self-check
-        print(f"server: {args.workers} workers, loopback, {os.cpu_count()} CPUs on this machine (shared)")
-        styles = [] if args.skip_load else args.styles.split(",")
-        if styles:
-            print("srv CPU / cli CPU: CPU milliseconds per request spent by the server processes / this client")
-            print(
-                f"{'style':<10} {'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-                f"{'errors':>6} {'vs in-proc':>10} {'srv CPU':>8} {'cli CPU':>8}"
-            )
-        for style in styles:
-            for c in (int(x) for x in args.concurrency.split(",")):
-                n = args.requests if c > 1 else max(200, args.requests // 5)
-                cpu0 = server_cpu(server.pid), time.process_time()
-                r = asyncio.run(load(base + "/", payloads, c, n, style))
-                srv_ms = 1000 * (server_cpu(server.pid) - cpu0[0]) / r["n"]
-                cli_ms = 1000 * (time.process_time() - cpu0[1]) / r["n"]
-                print(
-                    f"{style:<10} {c:>7} {r['n']:>8} {r['rps']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f} "
-                    f"{r['errors']:>6} {r['rps'] / reward_func_rate:>10.3f} {srv_ms:>8.3f} {cli_ms:>8.3f}"
-                )
-        s = asyncio.run(
-            soak(base, payloads[0][0], args.max_body_bytes, args.soak_seconds, args.soak_max_requests)
-        )
-        fives = sum(v for k, v in s["statuses"].items() if k.startswith("5"))
+    flags = ["--workers", str(args.workers), "--max-body-bytes", str(args.max_body_bytes)]
+    flags += ["--header-timeout", "5", "--body-timeout", "5"]
+    with reward_server(*flags, log=log_path) as (server, base, port):
+        time.sleep(1.0)  # /health answers from the first worker up: let every worker finish its self-check
+        return _run(args, payloads, reward_func_rate, server, base, port, log_path)
+
+
+def _run(args, payloads, reward_func_rate: float, server, base: str, port: int, log_path: Path) -> int:
+    """The measurements against the running server: load, soak, attacks. 0 when every check held."""
+    print(f"server: {args.workers} workers, loopback, {os.cpu_count()} CPUs on this machine (shared)")
+    styles = [] if args.skip_load else args.styles.split(",")
+    if styles:
+        print("srv CPU / cli CPU: CPU milliseconds per request spent by the server processes / this client")
         print(
-            f"soak: {s['sent']} bad requests in {args.soak_seconds:.0f}s, "
-            f"statuses {s['statuses']}, 5xx {fives}, "
-            f"health {s['health_checks'] - s['health_failures']}/{s['health_checks']} ok, "
-            f"valid request afterwards ok: {s['valid_request_after']}, server alive: {server.poll() is None}"
+            f"{'style':<10} {'clients':>7} {'requests':>8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+            f"{'errors':>6} {'vs in-proc':>10} {'srv CPU':>8} {'cli CPU':>8}"
         )
-        ok = fives == 0 and s["health_failures"] == 0 and s["valid_request_after"]
-        if not args.skip_attacks:
-            import psutil
-
-            def worker_pids():
-                return sorted(p.pid for p in psutil.Process(server.pid).children(recursive=True))
-
-            a = asyncio.run(attack(base, port, worker_pids))
-            print(f"attacks ({args.workers} worker(s); --header-timeout 5 --body-timeout 5, other limits default):")
-            print(f"{'attack':<48} {'body':>12} {'status':>24} {'seconds':>8}")
-            for name, size, status, took in a["rows"]:
-                print(f"{name:<48} {size:>12} {status:>24} {took:>8.2f}")
-            errors = {
-                line.split("{", 1)[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
-                for line in a["metrics"].splitlines()
-                if line.startswith("openrlhf_passk_reward_errors_total{")
-            }
-            log.flush()
-            log.seek(0)
-            text = log.read()
-            h = a["health"]
+    for style in styles:
+        for c in (int(x) for x in args.concurrency.split(",")):
+            n = args.requests if c > 1 else max(200, args.requests // 5)
+            cpu0 = server_cpu(server.pid), time.process_time()
+            r = asyncio.run(load(base + "/", payloads, c, n, style))
+            srv_ms = 1000 * (server_cpu(server.pid) - cpu0[0]) / r["n"]
+            cli_ms = 1000 * (time.process_time() - cpu0[1]) / r["n"]
             print(
-                f"/health during the attacks: {h['n'] - h['fail']}/{h['n']} ok, slowest {h['max']:.2f} s; "
-                f"errors by kind {errors}; server log {len(text)} bytes, tracebacks {text.count('Traceback')}; "
-                f"same worker processes: {a['same_workers']} (/health answered from pids {a['pids']}); "
-                f"server alive: {server.poll() is None}"
+                f"{style:<10} {c:>7} {r['n']:>8} {r['rps']:>8.0f} {r['p50']:>7.2f} {r['p99']:>7.2f} "
+                f"{r['errors']:>6} {r['rps'] / reward_func_rate:>10.3f} {srv_ms:>8.3f} {cli_ms:>8.3f}"
             )
-            slow_attacks = [r for r in a["rows"] if r[3] > 5.0 and not r[0].startswith(("3.", "7. 25"))]
-            bad_5xx = [r for r in a["rows"] if r[2].startswith("5")]
-            ok = ok and not slow_attacks and not bad_5xx and h["fail"] == 0 and a["same_workers"]
-            ok = ok and 'kind="internal"' not in a["metrics"] and "Traceback" not in text and server.poll() is None
-        return 0 if ok else 1
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+    s = asyncio.run(
+        soak(base, payloads[0][0], args.max_body_bytes, args.soak_seconds, args.soak_max_requests)
+    )
+    fives = sum(v for k, v in s["statuses"].items() if k.startswith("5"))
+    print(
+        f"soak: {s['sent']} bad requests in {args.soak_seconds:.0f}s, "
+        f"statuses {s['statuses']}, 5xx {fives}, "
+        f"health {s['health_checks'] - s['health_failures']}/{s['health_checks']} ok, "
+        f"valid request afterwards ok: {s['valid_request_after']}, server alive: {server.poll() is None}"
+    )
+    ok = fives == 0 and s["health_failures"] == 0 and s["valid_request_after"]
+    if not args.skip_attacks:
+        import psutil
+
+        def worker_pids():
+            return sorted(p.pid for p in psutil.Process(server.pid).children(recursive=True))
+
+        a = asyncio.run(attack(base, port, worker_pids))
+        print(f"attacks ({args.workers} worker(s); --header-timeout 5 --body-timeout 5, other limits default):")
+        print(f"{'attack':<48} {'body':>12} {'status':>24} {'seconds':>8}")
+        for name, size, status, took in a["rows"]:
+            print(f"{name:<48} {size:>12} {status:>24} {took:>8.2f}")
+        errors = {
+            line.split("{", 1)[1].split("}")[0]: float(line.rsplit(" ", 1)[1])
+            for line in a["metrics"].splitlines()
+            if line.startswith("openrlhf_passk_reward_errors_total{")
+        }
+        text = log_path.read_text()
+        h = a["health"]
+        print(
+            f"/health during the attacks: {h['n'] - h['fail']}/{h['n']} ok, slowest {h['max']:.2f} s; "
+            f"errors by kind {errors}; server log {len(text)} bytes, tracebacks {text.count('Traceback')}; "
+            f"same worker processes: {a['same_workers']} (/health answered from pids {a['pids']}); "
+            f"server alive: {server.poll() is None}"
+        )
+        slow_attacks = [r for r in a["rows"] if r[3] > 5.0 and not r[0].startswith(("3.", "7. 25"))]
+        bad_5xx = [r for r in a["rows"] if r[2].startswith("5")]
+        ok = ok and not slow_attacks and not bad_5xx and h["fail"] == 0 and a["same_workers"]
+        ok = ok and 'kind="internal"' not in a["metrics"] and "Traceback" not in text and server.poll() is None
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

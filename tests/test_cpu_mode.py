@@ -24,7 +24,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import REAL_VLLM
+from helpers import free_port, reward_server
+
+from openrlhf_passk import env
+from openrlhf_passk.integration import upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 MAZE_REWARD = ROOT / "openrlhf_passk" / "rewards" / "maze.py"
@@ -176,12 +179,6 @@ def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _refused(cmd: list[str], **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(**env), cwd=ROOT, timeout=RUN_TIMEOUT_S)
 
@@ -259,7 +256,7 @@ def test_a_cpu_without_avx2_is_refused_naming_the_feature_and_the_fallback(monke
     with pytest.raises(SystemExit):
         cpu_mode._check_cpu_features()
     err = capsys.readouterr().err
-    assert "neither AVX2 nor AVX512" in err and f"{cpu_mode.ENGINE_ENV}=hf" in err
+    assert "neither AVX2 nor AVX512" in err and f"{env.CPU_ENGINE}=hf" in err
     cpuinfo.write_text("flags\t\t: fpu sse avx avx2 fma\n")
     cpu_mode._check_cpu_features()  # AVX2 is enough
 
@@ -267,28 +264,24 @@ def test_a_cpu_without_avx2_is_refused_naming_the_feature_and_the_fallback(monke
 def test_engine_choice_is_explicit_or_detected(monkeypatch):
     from openrlhf_passk.integration import cpu_mode
 
-    monkeypatch.delenv(cpu_mode.ENGINE_ENV, raising=False)
+    monkeypatch.delenv(env.CPU_ENGINE, raising=False)
     monkeypatch.setattr(cpu_mode, "vllm_installed", lambda: True)
     assert cpu_mode.engine() == "vllm"
-    monkeypatch.setenv(cpu_mode.ENGINE_ENV, "hf")
+    monkeypatch.setenv(env.CPU_ENGINE, "hf")
     assert cpu_mode.engine() == "hf"
     monkeypatch.setattr(cpu_mode, "vllm_installed", lambda: False)
-    monkeypatch.delenv(cpu_mode.ENGINE_ENV)
+    monkeypatch.delenv(env.CPU_ENGINE)
     assert cpu_mode.engine() == "hf"
-    monkeypatch.setenv(cpu_mode.ENGINE_ENV, "vllm")
+    monkeypatch.setenv(env.CPU_ENGINE, "vllm")
     with pytest.raises(ValueError, match="vLLM is not installed"):
         cpu_mode.engine()
-    monkeypatch.setenv(cpu_mode.ENGINE_ENV, "tgi")
+    monkeypatch.setenv(env.CPU_ENGINE, "tgi")
     with pytest.raises(ValueError, match="OPENRLHF_PASSK_CPU_ENGINE='tgi'"):
         cpu_mode.engine()
-    # which upstream symbols each engine redirects
-    monkeypatch.setenv(cpu_mode.ENGINE_ENV, "hf")
-    assert "openrlhf.trainer.ray.vllm_engine" in cpu_mode.patches()
-    monkeypatch.setattr(cpu_mode, "vllm_installed", lambda: True)
-    monkeypatch.setenv(cpu_mode.ENGINE_ENV, "vllm")
-    vllm_patches = cpu_mode.patches()
-    assert "openrlhf.trainer.ray.vllm_worker_wrap" in vllm_patches
-    assert "openrlhf.trainer.ray.vllm_engine" not in vllm_patches  # upstream's create_vllm_engines runs
+    # which upstream symbols each engine redirects (rows of upstream.TABLE)
+    assert "openrlhf.trainer.ray.vllm_engine" in upstream.patched_modules("hf")
+    assert "openrlhf.trainer.ray.vllm_worker_wrap" in upstream.patched_modules("vllm")
+    assert "openrlhf.trainer.ray.vllm_engine" not in upstream.patched_modules("vllm")  # upstream's engines run
 
 
 @needs_vllm
@@ -297,7 +290,7 @@ def test_gloo_group_broadcasts_like_upstream_pynccl_group():
     worker receives the tensor in the buffer it allocated (bf16, as the weights travel)."""
     from openrlhf_passk.integration import cpu_mode
 
-    port, received = _free_port(), {}
+    port, received = free_port(), {}
 
     def worker():
         group = cpu_mode.stateless_init_process_group("127.0.0.1", port, 1, 2, torch.device("cpu"))
@@ -696,24 +689,15 @@ def test_passk_adaptive_entropy_is_the_policys_on_vllms_samples(mazes, tmp_path)
 def test_simko_with_an_http_reward_server_killed_mid_run(tiny, mazes, tmp_path):
     """passk + SimKO on vLLM with prefix caching on; the maze reward comes from our HTTP server. Once step 2
     is logged the server is killed: the run stops with our error, naming the server, well inside a minute."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "openrlhf_passk", "serve-reward", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=ROOT,
-        env=_env(OPENRLHF_PASSK_CPU="0"),
-    )
     log = tmp_path / "run.log"
-    url = f"http://127.0.0.1:{port}/get_reward"
-    try:  # 30 prompts: 15 steps planned, so the run is still going when the server dies
+    # 30 prompts: 15 steps planned, so the run is still going when the server dies
+    server_env = _env(OPENRLHF_PASSK_CPU="0")
+    with reward_server("--workers", "1", log=tmp_path / "server.log", env=server_env) as (_, base, _port):
+        url = f"{base}/get_reward"
         cmd = _train_cmd(tiny, mazes, url, tmp_path, "--passk_k", "4", "--simko", "--vllm.enable_prefix_caching")
         proc = _start(cmd, log, _env())
         _wait_for(lambda: 2 in _steps(log.read_text()), proc, "step 2", log)
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=60)
-    killed = time.monotonic()
+    killed = time.monotonic()  # leaving the block stopped the server
     text = _finish(proc, log, timeout=180)
     stopped_after = time.monotonic() - killed
 

@@ -14,7 +14,6 @@ import itertools
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +22,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import STUB_PATHS
+from helpers import free_port
 
 from openrlhf_passk import advantages
-from openrlhf_passk.integration import config, upstream
+from openrlhf_passk.integration import flags, resolve, upstream
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = upstream.openrlhf_version()
@@ -121,14 +121,8 @@ def _flags(**kw) -> list[str]:
     return out + colocate + ["--apply_chat_template" if not V011 else "--data.apply_chat_template"]
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # A reward URL where nothing listens (the token must not show up in our messages).
-DOWN_URL = f"http://127.0.0.1:{_closed_port()}/reward?token=tok-123"
+DOWN_URL = f"http://127.0.0.1:{free_port()}/reward?token=tok-123"
 
 
 def _mission_flags(url: str) -> list[str]:
@@ -218,12 +212,20 @@ RUNS.update(
         ),
         # Colocated: actor GPUs (4 x 8) must equal vLLM engines x TP; OpenRLHF checks it only in train().
         "colocate_mismatch": (CLI + _flags(engines=8) + PASSK8, DRY),
+        # OpenRLHF drops a critic for every estimator but gae: one warning, and its path is not checked.
+        "critic_dropped": (CLI + _flags() + PASSK8 + ["--CRITIC", "/models/no-such-critic"], DRY),
+        # The hooks are off: the dry run variable would be dead, and the run real. One warning says so.
+        "disabled_dry_run": (CLI + ["--help"], {**DRY, "OPENRLHF_PASSK_DISABLE": "1"}),
+        # Schedule flags without a schedule, and k given twice.
+        "schedule_flag_alone": (CLI + _flags() + PASSK8 + ["--passk_k_end", "2"], DRY),
+        "k_twice": (CLI + _flags() + PASSK8 + ["--passk_param", "k=3"], DRY),
     }
 )
 for _name, (_cmd, _env) in RUNS.items():
     _cmd[:] = [
         {"--LEN_BUF": f"--{'reward.' if V011 else ''}overlong_buffer_len",
-         "--LEN_STOP": f"--{'reward.' if V011 else ''}stop_properly_penalty_coef"}.get(a, a)
+         "--LEN_STOP": f"--{'reward.' if V011 else ''}stop_properly_penalty_coef",
+         "--CRITIC": "--critic.model_name_or_path" if V011 else "--critic_pretrain"}.get(a, a)
         for a in _cmd
     ]  # fmt: skip
 
@@ -259,7 +261,7 @@ for name, argv, env in json.load(sys.stdin):
 print(json.dumps(results))
 """
 # Commands that need a fresh interpreter (the .pth switched off at start) run in their own process.
-OWN_PROCESS = {"entry_point"}
+OWN_PROCESS = {"entry_point", "disabled_dry_run"}
 
 
 @pytest.fixture(scope="module")
@@ -373,10 +375,30 @@ def test_adaptive_dry_run_explains_the_flag(cli_runs):
     assert run.returncode == 0, run.stderr[-3000:]
     passk = _report(run)["passk"]
     assert passk["estimator"] == "passk_adaptive" and passk["params_at_step_0"] == {"k": 8, "split": 0.25}
-    assert passk["adaptive_split"] == 0.25 and "round(G * 0.25)" in passk["adaptive_rule"]
-    assert "rollout time" in passk["entropy"]
+    assert "entropy picks Pass@1 or Pass@k per prompt" in passk["description"]  # the estimator's docstring
+    assert "rollout time" in passk["inputs_per_step"]["entropy"]
     # N = 32, k = 8: a group learns nothing in both arms only if all its samples agree (c = 0 or 32).
     assert passk["zero_advantage_correct_counts"]["8"] == "0, 32"
+
+
+def test_a_dropped_critic_gets_one_warning_and_no_path_check(cli_runs):
+    run = cli_runs["critic_dropped"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    critic = _spelling("critic.model_name_or_path", "critic_pretrain")
+    warning = f"{critic} /models/no-such-critic is ignored: OpenRLHF trains a critic only with"
+    assert run.stderr.count(warning) == 1 and warning in " ".join(_report(run)["warnings"])
+
+
+def test_disable_with_the_dry_run_variable_says_the_run_is_real(cli_runs):
+    run = cli_runs["disabled_dry_run"]
+    assert run.returncode == 0  # --help
+    line = "OPENRLHF_PASSK_DISABLE is on, so OPENRLHF_PASSK_DRY_RUN has no effect: this is a plain OpenRLHF run"
+    assert run.stderr.count(line) == 1 and "--passk_k" not in run.stdout  # and our flags are not there
+
+
+def test_schedule_flags_without_a_schedule_and_k_twice_are_refused(cli_runs):
+    _refused(cli_runs["schedule_flag_alone"], "--passk_k_end set the k schedule, but --passk_k_schedule is constant")
+    _refused(cli_runs["k_twice"], "--passk_param k=3 sets k a second time: --passk_k already gives 8")
 
 
 def test_dry_run_runs_train_colocation_check(cli_runs):
@@ -411,7 +433,7 @@ def test_realistic_multinode_dry_run_exits_0(cli_runs):
     assert report["passk"]["params_at_step_0"] == {"k": 8}
     # N = 32, k = 8: groups with 0 correct, or fewer than 8 wrong (c >= 25), learn nothing.
     zero = [c for c in range(33) if c == 0 or 32 - c < 8]
-    assert report["passk"]["zero_advantage_correct_counts"]["8"] == config._ranges(zero)
+    assert report["passk"]["zero_advantage_correct_counts"]["8"] == flags._ranges(zero)
     args = report["args"]
     n = args["rollout"]["n_samples_per_prompt"] if V011 else args["n_samples_per_prompt"]
     assert n == 32
@@ -458,7 +480,7 @@ def test_dry_run_checks_reward_file(cli_runs):
 def test_k_larger_than_n_exits_nonzero_with_message(cli_runs):
     run = cli_runs["k_too_big"]
     assert run.returncode != 0
-    assert "--passk_k must satisfy 1 <= k <=" in run.stderr and "got k=8" in run.stderr
+    assert "--passk_k must satisfy 1 <= k <=" in run.stderr and "got 8" in run.stderr
     assert "Traceback" not in run.stderr
 
 
@@ -508,7 +530,7 @@ G, N, A = 6, 8, 12  # prompts, samples per prompt, max response tokens
 
 def _args(estimator: str, *, kl_coef=0.0, overlong=None, clip=(-10.0, 10.0), passk_argv=()):
     ours = argparse.ArgumentParser()
-    config.add_arguments(ours)
+    flags.add_arguments(ours)
     passk = vars(ours.parse_args(list(passk_argv)))
     if V011:
         args = SimpleNamespace(
@@ -717,17 +739,37 @@ def test_registry_path_keeps_everything_group_norm_does():
     """A registry estimator that computes group_norm's formula must reproduce upstream group_norm bit for bit,
     with KL shaping, overlong length penalty and reward clipping all active."""
     name = "_test_group_norm_clone"
-    if name not in advantages.available():
 
-        @advantages.register(name)
-        def clone(rewards: torch.Tensor) -> torch.Tensor:
-            return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-9)
+    @advantages.register(name)
+    def clone(rewards: torch.Tensor) -> torch.Tensor:
+        return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-9)
 
     rewards = torch.rand(G, N, generator=torch.Generator().manual_seed(4))
     ours, _ = _run(_args(name, kl_coef=0.05, overlong=4, clip=(-1.5, 1.5)), rewards)
     upstream_run, _ = _run(_args("group_norm", kl_coef=0.05, overlong=4, clip=(-1.5, 1.5)), rewards, unpatched=True)
     _assert_same(ours, upstream_run)
     assert not torch.allclose(_info(ours, "reward"), rewards.double())  # the overlong penalty did act
+
+
+@pytest.mark.parametrize(
+    ("module", "actor"),
+    [("openrlhf.trainer.ppo_trainer", "PPOTrainer"), ("openrlhf.trainer.ppo_trainer_async", "TrainingActor")],
+)
+def test_the_step_clock_reaches_the_trainer_ray_actors(module, actor):
+    """The k schedule's clock: train_step records OpenRLHF's global_step on the experience maker, in the class
+    each trainer Ray actor really runs (the shipped modified_class): the synchronous PPOTrainer and the async
+    TrainingActor (--train.async_enable), which inherits train_step from BasePPOTrainer."""
+    import importlib
+
+    trainer_module = importlib.import_module(module)
+    if not hasattr(trainer_module, actor):
+        pytest.skip(f"{module} has no {actor} in this OpenRLHF")
+    shipped = getattr(trainer_module, actor).__ray_metadata__.modified_class
+    trainer = shipped.__new__(shipped)  # no __init__: only the clock is under test
+    trainer.experience_maker = SimpleNamespace()
+    with pytest.raises(Exception):  # noqa: B017 - upstream's own body fails on the empty trainer, after the clock
+        trainer.train_step([], 7)
+    assert trainer.experience_maker._passk_global_step == 7
 
 
 def test_k_schedule_follows_global_step():
@@ -766,7 +808,7 @@ def test_bootstrap_seed_differs_per_step_and_reproduces():
     expected = advantages.compute("passk_bootstrap", rewards, k=3, num_groups=4, seed=_seed_at(7, 3))
     assert torch.allclose(step3, expected.view(-1), atol=1e-6)
     with pytest.raises(ValueError, match="--passk_seed must be an integer >= 0"):
-        config.resolve(_args("passk_bootstrap", passk_argv=["--passk_k", "3", "--passk_seed", "-1"]), LAYOUT)
+        resolve.resolve(_args("passk_bootstrap", passk_argv=["--passk_k", "3", "--passk_seed", "-1"]), LAYOUT)
 
 
 def _with_entropy(experiences, per_sample: torch.Tensor):
@@ -799,7 +841,7 @@ def test_adaptive_without_entropy_is_a_clear_error():
     with pytest.raises(RuntimeError, match=r"the 'passk_adaptive' advantage estimator needs each response's token "):
         _run(args, _binary_rewards())
     with pytest.raises(ValueError, match="--passk_param entropy=... is not a setting"):
-        config.resolve(_args("passk_adaptive", passk_argv=["--passk_k", "3", "--passk_param", "entropy=1"]), LAYOUT)
+        resolve.resolve(_args("passk_adaptive", passk_argv=["--passk_k", "3", "--passk_param", "entropy=1"]), LAYOUT)
 
 
 def test_trainer_hands_global_step_to_experience_maker():
@@ -832,7 +874,7 @@ def test_user_estimator_module(tmp_path):
     adv, mask = _per_sample(experiences, "advantages")[N + 2]
     assert torch.allclose(adv[mask], ((rewards.view(-1)[N + 2] * 2 - 1) * 0.5).expand(int(mask.sum())))
     with pytest.raises(ValueError, match="--passk_k does not apply to the '_test_sign' estimator"):
-        config.resolve(_args("_test_sign", passk_argv=["--passk_k", "2"]), LAYOUT)
+        resolve.resolve(_args("_test_sign", passk_argv=["--passk_k", "2"]), LAYOUT)
 
 
 def test_validation_messages():
@@ -842,9 +884,9 @@ def test_validation_messages():
             args.rollout.n_samples_per_prompt = n
         else:
             args.n_samples_per_prompt = n
-        return config.validate(args, LAYOUT)
+        return flags.validate(args, LAYOUT)
 
-    with pytest.raises(ValueError, match="must be a multiple of k=3"):
+    with pytest.raises(ValueError, match=r"--passk_k 3; --\S+ 8\): passk_full splits .* N must be a multiple of k"):
         check("passk_full", ["--passk_k", "3"])
     with pytest.raises(ValueError, match="needs k: add --passk_k"):
         check("passk", [])
@@ -852,6 +894,18 @@ def test_validation_messages():
         check("group_norm", ["--passk_k", "2"])
     with pytest.raises(ValueError, match="needs --passk_k_schedule_steps"):
         check("passk", ["--passk_k", "4", "--passk_k_schedule", "linear"])
+    # Each refusal names the flag at fault (before: --passk_k for a bad k_end, no flag for 0s).
+    schedule = ["--passk_k", "4", "--passk_k_schedule", "linear", "--passk_k_schedule_steps"]
+    with pytest.raises(ValueError, match=r"--passk_k_end must satisfy 1 <= k <= \S+ \(8\); got 10"):
+        check("passk", [*schedule, "10", "--passk_k_end", "10"])
+    with pytest.raises(ValueError, match="--passk_k_end must be >= 1, got 0"):
+        check("passk", [*schedule, "10", "--passk_k_end", "0"])
+    with pytest.raises(ValueError, match="--passk_k_schedule_steps must be >= 1, got 0"):
+        check("passk", [*schedule, "0"])
+    with pytest.raises(ValueError, match="--passk_k_schedule_steps set the k schedule, but --passk_k_schedule is"):
+        check("passk", ["--passk_k", "4", "--passk_k_schedule_steps", "5"])
+    with pytest.raises(ValueError, match="--passk_param k=3 sets k a second time"):
+        check("passk", ["--passk_k", "4", "--passk_param", "k=3"])
     # k == N: every group of passk gets advantage 0 -> a warning, not an error.
     summary, warnings = check("passk", ["--passk_k", str(N)])
     assert len(warnings) == 1 and "EVERY group" in warnings[0]
@@ -877,9 +931,9 @@ def test_stop_properly_penalty_with_binary_only_estimators(estimator, coef, refu
         args.stop_properly_penalty_coef = coef
     if refused:
         with pytest.raises(ValueError, match=f"{estimator} needs 0/1 rewards, but --.*stop_properly_penalty_coef"):
-            config.validate(args, LAYOUT)
+            flags.validate(args, LAYOUT)
     else:
-        config.validate(args, LAYOUT)
+        flags.validate(args, LAYOUT)
 
 
 def test_version_detection_matches_the_imported_openrlhf():
@@ -892,9 +946,9 @@ def test_version_detection_matches_the_imported_openrlhf():
 
 def test_adaptive_logged_arm_is_the_estimators_arm():
     # G=45, split=0.7: 45 * 0.7 is 31.499999999999996 in floats; the rule is half up on 7/10, so 32 prompts.
-    from openrlhf_passk.integration import experience
-
     entropy = torch.rand(45, generator=torch.Generator().manual_seed(3))
-    logged = experience._adaptive_logs(entropy, 0.7)["passk/adaptive_pass1_frac"].view(-1)
+    rewards = torch.zeros(45, 4)
+    logs = advantages.spec("passk_adaptive").logs(rewards, rewards, k=2, entropy=entropy, split=0.7)
+    logged = logs["adaptive_pass1_frac"].view(-1)
     top32 = set(sorted(range(45), key=lambda i: -entropy[i].item())[:32])
     assert logged.tolist() == [float(i in top32) for i in range(45)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import free_port
 
 from openrlhf_passk.integration import reward
 
@@ -143,19 +143,13 @@ class _Handler(BaseHTTPRequestHandler):
 def http_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.posts, server.health_calls, server.health_starting = [], 0, 0
-    server.auth, server.post_status = [], 500
+    server.auth, server.post_status = [], 200
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
     server.shutdown()
     server.server_close()
     thread.join()
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -175,6 +169,7 @@ def quick_retries(monkeypatch):
 def test_http_500_stops_the_run_after_upstream_retries(http_server, quick_retries, agent_errors):
     from openrlhf.utils.agent import SingleTurnAgentExecutor
 
+    http_server.post_status = 500
     url = f"http://127.0.0.1:{http_server.server_port}/reward?token={TOKEN}"
     with pytest.raises(RuntimeError) as info:
         run_sample(SingleTurnAgentExecutor(remote_rm_url=url))
@@ -189,7 +184,7 @@ def test_http_500_stops_the_run_after_upstream_retries(http_server, quick_retrie
 def test_http_connection_refused_stops_the_run(quick_retries):
     from openrlhf.utils.agent import SingleTurnAgentExecutor
 
-    url = f"http://127.0.0.1:{closed_port()}/"
+    url = f"http://127.0.0.1:{free_port()}/"
     with pytest.raises(RuntimeError, match="reward server http://127.0.0.1:.* failed") as info:
         run_sample(SingleTurnAgentExecutor(remote_rm_url=url))
     assert "Cannot connect to host 127.0.0.1" in str(info.value)
@@ -219,8 +214,8 @@ def test_hook_disabled_keeps_upstream_behaviour(tmp_path, subprocess_env):
 # --- readiness (driver side) -------------------------------------------------------------------------
 
 
-def test_wait_ready_times_out_with_the_url_on_a_closed_port():
-    url = f"http://127.0.0.1:{closed_port()}/reward?token={TOKEN}"
+def test_wait_ready_times_out_with_the_url_on_a_free_port():
+    url = f"http://127.0.0.1:{free_port()}/reward?token={TOKEN}"
     start = time.monotonic()
     with pytest.raises(RuntimeError) as info:
         reward.wait_ready(url, wait_s=1.0, flag="--remote_rm_url", interval=0.2)
@@ -234,8 +229,34 @@ def test_wait_ready_waits_for_a_starting_server(http_server):
     http_server.health_starting = 2  # answers 503 twice, as our server does before its self-check
     url = f"http://127.0.0.1:{http_server.server_port}/?token={TOKEN}"
     detail = reward.wait_ready(url, wait_s=30, flag="--remote_rm_url", interval=0.05)
-    assert "/health answered 200; a probe sample was answered 500" in detail and http_server.health_calls == 3
+    assert "/health answered 200; a probe sample was answered 200" in detail and http_server.health_calls == 3
     assert http_server.posts == [f"/?token={TOKEN}"]  # one probe sample, after /health said ready
+
+
+def test_a_server_that_answers_5xx_is_not_ready(http_server):
+    """/health says 200 but a probe sample gets 500: every sample would fail, so the wait (and a dry run)
+    stop at once with the status, instead of starting Ray and the models."""
+    http_server.post_status = 500
+    url = f"http://127.0.0.1:{http_server.server_port}/"
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="answered a probe sample with 500: it is up but fails on a request"):
+        reward.wait_ready(url, wait_s=30, flag="--remote_rm_url", interval=0.05)
+    assert time.monotonic() - start < 10  # not the 30 s wait
+    with pytest.raises(ValueError, match="--reward.remote_url: the reward server .* answered a probe sample with 500"):
+        reward.check_sources(url, "--reward.remote_url", dry_run=True)
+
+
+def test_mixed_or_several_reward_files_are_refused(tmp_path):
+    """OpenRLHF scores every sample with the first .py when one comes first (the URL is never called), and
+    otherwise POSTs to each entry in turn, the .py path included: both refused before Ray, with the reason."""
+    path = reward_file(tmp_path, "def reward_func(queries, prompts, labels):\n    return {}\n")
+    url = "http://127.0.0.1:5000/get_reward?token=s3cret"
+    for value in (f"{path},{url}", f"{url},{path}"):
+        with pytest.raises(ValueError, match="mixes a .py reward file and URLs: OpenRLHF scores every sample") as info:
+            reward.check_sources(value, "--reward.remote_url", dry_run=False)
+        assert "s3cret" not in str(info.value)
+    with pytest.raises(ValueError, match="names 2 reward files .* OpenRLHF loads only the first one"):
+        reward.check_sources(f"{path},{path}", "--reward.remote_url", dry_run=False)
 
 
 def test_check_sources_reward_files(tmp_path):
@@ -254,7 +275,7 @@ def test_check_sources_reward_files(tmp_path):
 
 
 def test_check_sources_urls_probe_only_in_dry_run(http_server):
-    down = f"http://127.0.0.1:{closed_port()}/"
+    down = f"http://127.0.0.1:{free_port()}/"
     up = f"http://127.0.0.1:{http_server.server_port}/"
     report, warnings = reward.check_sources(f"{down},{up}", "--reward.remote_url", dry_run=True)
     assert "is not reachable" in report[0]["health"] and report[1]["health"].endswith("answered 200")
@@ -269,7 +290,6 @@ def test_check_sources_urls_probe_only_in_dry_run(http_server):
 def test_token_env_makes_openrlhfs_client_send_a_bearer_header(http_server, monkeypatch):
     from openrlhf.utils.agent import SingleTurnAgentExecutor
 
-    http_server.post_status = 200
     url = f"http://127.0.0.1:{http_server.server_port}/reward"
     monkeypatch.delenv(reward.TOKEN_ENV, raising=False)
     assert run_sample(SingleTurnAgentExecutor(remote_rm_url=url))["reward"] == [1.0]
@@ -362,7 +382,7 @@ def test_probe_sample_against_the_real_server(monkeypatch):
 
     assert score(reward.PROBE_SAMPLE["query"][0], reward.PROBE_SAMPLE["labels"][0]) == 1.0
 
-    config = uvicorn.Config(create_app(token=TOKEN), host="127.0.0.1", port=closed_port(), log_level="error")
+    config = uvicorn.Config(create_app(token=TOKEN), host="127.0.0.1", port=free_port(), log_level="error")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

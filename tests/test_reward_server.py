@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 
 import httpx
 import pytest
+from helpers import reward_server
 
 from openrlhf_passk.cli import main
 from openrlhf_passk.tasks.maze import generate, render_prompt
@@ -27,49 +27,20 @@ GOOD = {"query": [f"<answer>{GRID.solution}</answer>"], "prompts": [""], "labels
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One worker; the token from a file; small limits so the attacks stay cheap for the test machine."""
     tmp = tmp_path_factory.mktemp("reward-attack")
     (tmp / "token").write_text(TOKEN + "\n")
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "OPENRLHF_PASSK_REWARD_TOKEN"}
     log_path = tmp / "server.log"
-    log = open(log_path, "w")
+    flags = ["--workers", "1", "--token-file", str(tmp / "token"), "--max-body-bytes", str(6 << 20)]
+    flags += ["--max-samples", "64", "--max-query-chars", "1100000", "--max-grid", "51", "--header-timeout", "1"]
     # --log-level debug: a disconnect must show as one DEBUG line, never a traceback.
-    cmd = [sys.executable, "-m", "openrlhf_passk.cli", "serve-reward", "--port", str(port), "--workers", "1"]
-    cmd += ["--token-file", str(tmp / "token"), "--max-body-bytes", str(6 << 20), "--max-samples", "64"]
-    cmd += ["--max-query-chars", "1100000", "--max-grid", "51", "--header-timeout", "1", "--body-timeout", "2"]
-    cmd += ["--log-level", "debug"]
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"reward server did not become healthy:\n{log_path.read_text()}")
-            time.sleep(0.2)
+    flags += ["--body-timeout", "2", "--log-level", "debug"]
+    with reward_server(*flags, log=log_path, env=env, wait_s=60) as (proc, base, port):
         pid = httpx.get(base + "/health", timeout=5).json()["pid"]
         yield {"base": base, "port": port, "log": log_path, "pid": pid, "proc": proc}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def post(server, body, headers=AUTH, path="/"):
@@ -246,6 +217,12 @@ def test_head_health_docs_off_and_one_listening_line(server):
 
 
 def test_no_internal_errors_after_everything(server):
+    """Whatever ran before in this module (or alone: every hostile body once more, now), no request may have
+    hit an internal error, and the server still serves."""
+    for body, status, _ in HOSTILE.values():
+        assert post(server, body)[0].status_code == status
+    assert post(server, GOOD)[0].json()["rewards"] == [1.0]
+    assert metric(server, "openrlhf_passk_reward_requests_total") >= len(HOSTILE)  # the counters count
     assert metric(server, 'openrlhf_passk_reward_errors_total{kind="internal"}') == 0
     assert "Traceback" not in server["log"].read_text()
     assert_alive(server)

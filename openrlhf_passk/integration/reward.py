@@ -28,11 +28,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from openrlhf_passk import env
+
 # Per `execute` call: the exceptions and upstream log lines of its reward call. A mutable list in a
 # ContextVar, because upstream posts from tasks it creates, which run in copies of the caller's context.
 _trace: ContextVar[list | None] = ContextVar("openrlhf_passk_reward_trace", default=None)
 DEFAULT_WAIT_S = 300
-TOKEN_ENV = "OPENRLHF_PASSK_REWARD_TOKEN"
+TOKEN_ENV = env.REWARD_TOKEN
 # One tiny valid maze sample ("R" walks from S to E): a server of ours answers 200, and any server that
 # checks a token answers 401/403 to a wrong one, which /health (open to probes) cannot reveal.
 PROBE_SAMPLE = {"query": ["<answer>R</answer>"], "prompts": [""], "labels": ["SE"]}
@@ -158,16 +160,35 @@ def probe_sample(url: str, timeout: float = 10.0) -> tuple[bool, str]:
                 f"missing or wrong (token used: {where}). Set the server's token in {TOKEN_ENV} where OpenRLHF's "
                 "driver and rollout workers run, or in the URL's ?token="
             )
-        return True, f"a probe sample was answered {exc.code} (only 401/403 fail this check)"
+        if exc.code >= 500:
+            return False, (
+                f"the reward server {redact(url)} answered a probe sample with {exc.code}: it is up but fails "
+                "on a request, so every sample of the run would fail. Check the server's log"
+            )
+        return True, f"a probe sample was answered {exc.code} (401/403 and 5xx fail this check)"
     except (urllib.error.URLError, OSError) as exc:
         return True, f"a probe sample got no answer: {redact_text(str(getattr(exc, 'reason', exc)))}"
 
 
 def check_sources(value: Any, flag: str, dry_run: bool) -> tuple[list[dict], list[str]]:
-    """Validation-time checks of the reward flag: .py files must load (ValueError otherwise); in a dry run
-    each URL is probed once (/health, then one sample: 401/403 is a ValueError naming the token) and
-    reported, never waited for. Returns (report, warnings)."""
+    """Validation-time checks of the reward flag: one .py file, or only URLs (OpenRLHF cannot mix them); the
+    file must load (ValueError otherwise); in a dry run each URL is probed once (/health, then one sample:
+    401/403 is a ValueError naming the token, 5xx one naming the server) and reported, never waited for.
+    Returns (report, warnings)."""
     report, warnings = [], []
+    kinds = {"file" if s.endswith(".py") else "url" for s in sources(value)}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{flag} {','.join(redact(s) for s in sources(value))} mixes a .py reward file and URLs: OpenRLHF "
+            "scores every sample with the first .py file when one comes first, and POSTs to every entry in turn "
+            "(a .py path included) otherwise. Give one .py file, or only URLs"
+        )
+    files = [s for s in sources(value) if s.endswith(".py")]
+    if len(files) > 1:
+        raise ValueError(
+            f"{flag} names {len(files)} reward files ({', '.join(files)}): OpenRLHF loads only the first one. "
+            "Give one .py file (it may call the others)"
+        )
     if any(is_http(s) for s in sources(value)):
         try:
             reward_token()

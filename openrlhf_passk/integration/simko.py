@@ -1,10 +1,11 @@
 """SimKO (Peng et al. 2025) in OpenRLHF: flags, validation and the post-import patches.
 
-The hook machinery (`hooks.py`) calls `add_arguments(parser)` and `validate(args)` on the training
-parser (in the driver) and runs `PATCHES[module_name](module)` once that upstream module has been
-imported, in whichever process imports it: the experience maker runs in OpenRLHF's PPOTrainer Ray
-actor, the policy forward and the loss in the PPO policy Ray actors. Every wrapper calls the original
-unchanged unless `--simko` is on (or the estimator takes the rollout entropy, see below).
+The driver calls `add_arguments(parser)` and `validate(args)` on the training parser (flags.py,
+preflight.py), and the hooks run `patch_experience_maker` and `patch_ppo_actor` (rows of upstream.TABLE)
+once those upstream modules have been imported, in whichever process imports them: the experience maker
+runs in OpenRLHF's PPOTrainer Ray actor, the policy forward and the loss in the PPO policy Ray actors.
+Every wrapper calls the original unchanged unless `--simko` is on (or the estimator takes the rollout
+entropy, see below).
 
 Data flow with `--simko`:
 1. Experience time, in the policy Ray actor: `PolicyModelActor.forward` runs the usual actor forward
@@ -40,7 +41,7 @@ from typing import Any
 
 import torch
 
-from openrlhf_passk.integration import config, upstream
+from openrlhf_passk.integration import resolve, upstream
 from openrlhf_passk.integration.experience import ENTROPY_INFO
 from openrlhf_passk.losses import (
     SparseGradGather,
@@ -50,7 +51,7 @@ from openrlhf_passk.losses import (
     topk_and_entropy,
 )
 
-# Every upstream symbol SimKO patches, calls or reads is listed in upstream.PATCHED_SYMBOLS / READ_SYMBOLS.
+# Every upstream symbol SimKO patches, calls or reads is a row of upstream.TABLE.
 EXPERIENCE_MODULE = upstream.EXPERIENCE_MODULE
 EXPERIENCE_MAKER_MODULE = upstream.EXPERIENCE_MAKER_MODULE
 PPO_ACTOR_MODULE = upstream.PPO_ACTOR_MODULE
@@ -89,21 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _lookup(args: Any, *dests: str, default: Any = None) -> Any:
-    # Flat Namespace (dotted dests as single names), 0.11's hierarchized args, or 0.9's flat names.
-    for dest in dests:
-        if hasattr(args, dest):
-            return getattr(args, dest)
-        value = args
-        for part in dest.split("."):
-            value = getattr(value, part, None)
-            if value is None:
-                break
-        if value is not None:
-            return value
-    return default
-
-
 def validate(args: Any) -> None:
     """Raise ValueError naming the flag and the fix when the SimKO settings cannot work."""
     tau, k = args.simko_tau, args.simko_top_k
@@ -121,9 +107,11 @@ def validate(args: Any) -> None:
     if lam <= 0.0:
         raise ValueError(f"--simko_lambda must be > 0 (1 = no top-1 penalty, default 1.1), got {lam}")
     if args.simko:
-        loss_type = _lookup(args, "actor.policy_loss_type", "policy_loss_type", default="ppo")
+        layout = upstream.layout()
+        loss_type = upstream.setting(args, "policy_loss_type", layout) or "ppo"
         if loss_type != "ppo":
-            raise ValueError(f"--simko works on the token-level PPO loss; --policy_loss_type is {loss_type!r}: use ppo")
+            flag = layout.flag("policy_loss_type")
+            raise ValueError(f"--simko works on the token-level PPO loss; {flag} is {loss_type!r}: use ppo")
 
 
 def _config(args: Any) -> dict[str, float] | None:
@@ -265,7 +253,7 @@ def _loss_forward(trainer, original, log_probs, old_log_probs, advantages, *args
 def _trainer_init(original, self, *args, **kwargs):
     original(self, *args, **kwargs)
     self._simko = _config(self.args)
-    self._passk_entropy = config.entropy_estimator(self.args) is not None
+    self._passk_entropy = resolve.needs_entropy(self.args) is not None
     self._simko_state = None
     if self._simko is None and not self._passk_entropy:
         return
@@ -327,7 +315,7 @@ def _policy_actor_forward(original, self, *args, **kwargs):
 def _maker_init(original, self, *args, **kwargs):
     original(self, *args, **kwargs)
     self._simko = _config(self.strategy.args)
-    self._passk_entropy = config.entropy_estimator(self.strategy.args)
+    self._passk_entropy = resolve.needs_entropy(self.strategy.args)
     self._simko_rollout = None
     if self._simko is not None:
         ensure_experience_fields()
@@ -420,9 +408,3 @@ def patch_ppo_actor(module: ModuleType) -> None:
     # PolicyModelActor is a Ray ActorClass; Ray ships the class it wraps (modified_class) to the
     # worker by value, so the wrapped method travels with it.
     _wrap(module.PolicyModelActor.__ray_metadata__.modified_class, "forward", _policy_actor_forward)
-
-
-PATCHES: dict[str, Callable[[ModuleType], None]] = {
-    EXPERIENCE_MAKER_MODULE: patch_experience_maker,
-    PPO_ACTOR_MODULE: patch_ppo_actor,
-}

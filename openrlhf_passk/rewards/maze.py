@@ -17,20 +17,21 @@ import logging
 import os
 import re
 
+from openrlhf_passk import env
 from openrlhf_passk.tasks.maze import MODES, Grid, parse_answer, parse_grid, score_parsed
 
 logger = logging.getLogger("openrlhf_passk.rewards.maze")
 
-MODE = os.environ.get("OPENRLHF_PASSK_MAZE_MODE", "strict")
+MODE = os.environ.get(env.MAZE_MODE, "strict")
 if MODE not in MODES:
-    raise ValueError(f"OPENRLHF_PASSK_MAZE_MODE must be one of {MODES}, got {MODE!r}")
+    raise ValueError(f"{env.MAZE_MODE} must be one of {MODES}, got {MODE!r}")
 # Largest label grid (rows and columns) scored: bounds the work one label can cost. Our generator
 # makes up to 41x41.
-_MAX_GRID_ENV = os.environ.get("OPENRLHF_PASSK_MAZE_MAX_GRID", "101")
+_MAX_GRID_ENV = os.environ.get(env.MAZE_MAX_GRID, "101")
 if not _MAX_GRID_ENV.isdigit() or int(_MAX_GRID_ENV) < 2:
-    raise ValueError(f"OPENRLHF_PASSK_MAZE_MAX_GRID must be an integer >= 2, got {_MAX_GRID_ENV!r}")
+    raise ValueError(f"{env.MAZE_MAX_GRID} must be an integer >= 2, got {_MAX_GRID_ENV!r}")
 MAX_GRID = int(_MAX_GRID_ENV)
-_LIMIT_FLAGS = "serve-reward --max-grid, or env OPENRLHF_PASSK_MAZE_MAX_GRID for the reward file"
+_LIMIT_FLAGS = f"serve-reward --max-grid, or env {env.MAZE_MAX_GRID} for the reward file"
 
 # Where common chat templates hand over to the assistant; the response follows the last one.
 ASSISTANT_MARKERS = (

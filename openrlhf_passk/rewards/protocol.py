@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import os
 
+from openrlhf_passk import env
+
 try:  # uvicorn's own choice for http="auto": httptools when installed, else h11
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _Base
 except ImportError:  # pragma: no cover - depends on the install
     from uvicorn.protocols.http.h11_impl import H11Protocol as _Base
 
-HEADER_TIMEOUT_ENV = "OPENRLHF_PASSK_SERVE_HEADER_TIMEOUT"
+HEADER_TIMEOUT_ENV = env.SERVE_HEADER_TIMEOUT
 
 
 class HeaderTimeoutProtocol(_Base):

@@ -21,9 +21,11 @@ import json
 import os
 import sys
 
+from openrlhf_passk import env
+
 TASKS = ("maze",)
-TOKEN_ENV = "OPENRLHF_PASSK_REWARD_TOKEN"
-_CONFIG_ENV = "OPENRLHF_PASSK_SERVE_CONFIG"  # settings handed to uvicorn's worker processes (JSON)
+TOKEN_ENV = env.REWARD_TOKEN
+_CONFIG_ENV = env.SERVE_CONFIG  # settings handed to uvicorn's worker processes (JSON)
 # The default limits keep the most expensive request they admit near one second of scoring on a loaded
 # 2-core machine (benchmarks/reward_server.py), so even two at once on one worker answer within 5 s.
 DEFAULTS = {
