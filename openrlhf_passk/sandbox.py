@@ -13,7 +13,9 @@ A demonstration and a regression check of the science, not a second trainer. Per
   5. eval   --eval-n samples per held-out maze: per-maze counts, token entropy and distinct correct answers;
             every --curve-every RL steps pass@1 and pass@--curve-k on the first --curve-mazes held-out mazes.
 Then the paired statistics of `sandbox_stats` over seeds and mazes, checked against the protocol file.
-Outputs: OUT/summary.json, OUT/summary.png, OUT/seedN/{test.jsonl, sft/, grpo/, ...}.
+Outputs: OUT/summary.json, OUT/summary.png, OUT/seedN/{test.jsonl, train.jsonl, sft/, grpo/, ...}; the two
+JSONL files hold the held-out and the training mazes in the same rows (prompt, label, ...), in the order the
+seed's run uses them.
 
 The prompt is compact (the grid, then a newline) and the answer is `<answer>MOVES</answer>`: a tiny
 model cannot read the paper's long instruction prompt, so sandbox numbers are not comparable to the paper's.
@@ -563,10 +565,15 @@ def _one_seed(args: argparse.Namespace, seed: int, tok, progress: bool = True):
             f"{note['classes']} classes ({args.holdout}) over {note['draws']} draws; {args.test_mazes} test mazes "
             f"from {note['test_classes_used']} held-out classes, {args.train_mazes} training mazes from "
             f"{note['train_classes']} others")
-    with (out / "test.jsonl").open("w") as f:
-        for m, cluster in zip(test, clusters, strict=True):
-            f.write(json.dumps({"prompt": m.grid + "\n", "label": m.grid, "solution": m.solution, "size": m.size,
-                                "length": m.length, "n_shortest": m.n_shortest, "layout_class": cluster}) + "\n")
+    # The same rows for both splits, so OpenRLHF (--data.input_key prompt --data.label_key label) can train on
+    # train.jsonl and `openrlhf-passk eval` score test.jsonl in the sandbox's own prompt format. layout_class
+    # indexes the held-out classes only: None for the training mazes.
+    for name, mazes, classes in (("test", test, clusters), ("train", train, [None] * len(train))):
+        with (out / f"{name}.jsonl").open("w") as f:
+            for m, cluster in zip(mazes, classes, strict=True):
+                f.write(json.dumps({"prompt": m.grid + "\n", "label": m.grid, "solution": m.solution,
+                                    "size": m.size, "length": m.length, "n_shortest": m.n_shortest,
+                                    "layout_class": cluster}) + "\n")
     test_set = {"cluster": clusters, "size": [m.size for m in test], "length": [m.length for m in test]}
     timing["data_s"] = time.time() - t0
 

@@ -635,11 +635,14 @@ def test_weights_land_in_vllm_and_passk_metrics_come_from_its_samples(tiny, maze
 
 
 @needs_vllm
-def test_passk_adaptive_entropy_is_the_policys_on_vllms_samples(mazes, tmp_path):
+def test_passk_adaptive_entropy_is_the_policys_on_vllms_samples(tmp_path):
     """passk_adaptive's entropy comes from the policy's forward in the PPO actor, on the samples vLLM drew:
     recomputed here with HF transformers from the initial weights on the recorded samples of step 1. The
-    model's logits are sharpened (embedding x 8, tied head) so that entropies differ between prompts and
-    from the mean log-prob of the sampled tokens."""
+    model's logits are sharpened (embedding x 8, tied head) so that entropies differ from the mean log-prob of
+    the sampled tokens. The two prompts are chosen so that their entropies differ by construction, not by the
+    luck of the draw: this model continues '#' x 40 with '#' (entropy about 0.30 per token) and 'RRDDLLUU' x 5
+    with the pattern (about 0.08), on every sample; maze prompts all give the same entropy up to sampling
+    noise. Both prompts are in both steps (two episodes)."""
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
@@ -655,8 +658,9 @@ def test_passk_adaptive_entropy_is_the_policys_on_vllms_samples(mazes, tmp_path)
     agent = tmp_path / "probe_agent.py"
     agent.write_text(PROBE_AGENT)
     record = tmp_path / "samples.jsonl"
-    data = _subset(mazes, 4, tmp_path / "four.jsonl")  # 2 steps
-    cmd = _train_cmd(model, data, None, tmp_path, "--train.agent_func_path", str(agent))
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "label": ""}) + "\n" for p in ("#" * 40, "RRDDLLUU" * 5)))
+    cmd = _train_cmd(model, data, None, tmp_path, "--train.agent_func_path", str(agent), "--train.num_episodes", "2")
     cmd[cmd.index("passk")] = "passk_adaptive"
     log = tmp_path / "run.log"
     env = _env(PROBE_REWARD=str(reward), PROBE_RECORD=str(record), PROBE_TOKENS="1,2,3")

@@ -480,7 +480,7 @@ def test_dry_run_checks_reward_file(cli_runs):
 def test_k_larger_than_n_exits_nonzero_with_message(cli_runs):
     run = cli_runs["k_too_big"]
     assert run.returncode != 0
-    assert "--passk_k must satisfy 1 <= k <=" in run.stderr and "got 8" in run.stderr
+    assert "--passk_k must satisfy 1 <= k <=" in run.stderr and "got k=8" in run.stderr
     assert "Traceback" not in run.stderr
 
 
@@ -816,6 +816,41 @@ def _with_entropy(experiences, per_sample: torch.Tensor):
     for e in experiences:
         e.info["passk/entropy"] = per_sample[torch.tensor(e.index)].float()
     return experiences
+
+
+def test_a_users_estimator_gets_what_it_declares():
+    """A user's estimator with the built-in ones' declarations gets their treatment, by declaration, not by
+    name: its entropy input from the rollout capture, its extra logs as passk/* metrics, its check and the
+    binary-only refusal of length penalties before Ray."""
+
+    def logs(rewards, adv, *, entropy, **params):
+        return {"mine_entropy": entropy.double().unsqueeze(1)}
+
+    def check(n, params):
+        if params["k"] == n:
+            raise ValueError("k must be below N for mine")
+
+    @advantages.register("_test_mine", inputs=("entropy",), binary=True, check=check, logs=logs)
+    def mine(rewards, *, k, entropy):
+        return advantages.passk(rewards, k=k) * entropy.unsqueeze(1)
+
+    rewards = _binary_rewards()
+    per_sample = torch.rand(G * N, generator=torch.Generator().manual_seed(5))
+    args = _args("_test_mine", passk_argv=["--passk_k", "2"])
+    assert resolve.needs_entropy(args) == "_test_mine"
+    maker = _maker(args)
+    experiences = maker.compute_advantages_and_returns(
+        _with_entropy(maker.split_rollout_samples(_rollout(rewards)), per_sample)
+    )
+    entropy = per_sample.view(G, N).mean(-1)
+    logged = _info(experiences, "passk/mine_entropy")
+    assert torch.allclose(logged[:, 0].double(), entropy.double(), atol=1e-6)
+    flags.validate(args, LAYOUT)
+    with pytest.raises(ValueError, match="k must be below N for mine"):
+        flags.validate(_args("_test_mine", passk_argv=["--passk_k", str(N)]), LAYOUT)
+    penalised = _args("_test_mine", passk_argv=["--passk_k", "2"], overlong=4)
+    with pytest.raises(ValueError, match="_test_mine needs 0/1 rewards"):
+        flags.validate(penalised, LAYOUT)
 
 
 def test_adaptive_takes_prompt_entropies_in_index_order():

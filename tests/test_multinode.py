@@ -22,7 +22,7 @@ import ray
 import yaml
 from ray import exceptions as ray_exceptions
 
-from openrlhf_passk.integration import cluster, config, cpu_mode
+from openrlhf_passk.integration import cluster, cpu_mode, upstream
 
 REPO = Path(__file__).resolve().parent.parent
 RENDER = REPO / "scripts" / "render_k8s.py"
@@ -30,7 +30,7 @@ RENDER = REPO / "scripts" / "render_k8s.py"
 
 def _args(**values) -> SimpleNamespace:
     """Parsed 0.11.2 args as the hooks see them (a flat namespace with dotted names), OpenRLHF's defaults."""
-    defaults = {dests[0]: None for dests in config._DESTS.values()}
+    defaults = {dest: None for dest in upstream.LAYOUTS["0.11.2"].dests.values()}
     defaults.update({
         "actor.num_nodes": 2, "actor.num_gpus_per_node": 1, "ref.num_nodes": 1, "ref.num_gpus_per_node": 1,
         "critic.num_nodes": 1, "critic.num_gpus_per_node": 1, "reward.num_nodes": 1, "reward.num_gpus_per_node": 1,

@@ -71,6 +71,23 @@ def test_short_run_writes_summary_figure_and_checkpoints(short_run):
     assert summary["protocol"]["matches"] in (False, None)  # a 5x5 toy is not the protocol's design
 
 
+def test_train_jsonl_holds_the_training_mazes_in_the_test_rows_format(short_run):
+    """seedN/train.jsonl: --train-mazes rows with test.jsonl's keys, prompt = grid + newline, each a distinct maze
+    whose wall layout is no held-out one (--holdout layout here), in make_data's order."""
+    out, summary = short_run
+    train, _, _, _ = sandbox.make_data(resolved(*SHORT[1:], "--seeds", "3"), 3)
+    for seed in (3, 4):
+        test_rows = [json.loads(line) for line in (out / f"seed{seed}" / "test.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (out / f"seed{seed}" / "train.jsonl").read_text().splitlines()]
+        assert len(rows) == 28 and all(set(r) == set(test_rows[0]) for r in rows)
+        assert all(r["prompt"] == r["label"] + "\n" and r["layout_class"] is None and r["size"] == 5 for r in rows)
+        assert len({r["label"] for r in rows}) == 28
+        assert not {sandbox.layout(r["label"]) for r in rows} & {sandbox.layout(r["label"]) for r in test_rows}
+        if seed == 3:
+            assert [r["label"] for r in rows] == [m.grid for m in train]
+            assert [r["solution"] for r in rows] == [m.solution for m in train]
+
+
 def test_k_schedules_of_the_two_phase_and_linear_arms(short_run):
     """4 RL steps from k = 2: the step schedule switches to 1 at --switch-at 0.5 (step 2); the linear one is
     round(2 - step / 4) half up: 2, 2 (1.75), 2 (1.5), 1 (1.25)."""

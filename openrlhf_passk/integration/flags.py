@@ -146,7 +146,7 @@ def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None,
         raise ValueError(f"{name} compares the rollouts of a prompt, so it needs {layout.n_samples_flag} >= 2, got {n}")
     k = getattr(args, "passk_k", None)
     if k is not None and not 1 <= k <= n:
-        raise ValueError(f"--passk_k must satisfy 1 <= k <= {layout.n_samples_flag} ({n}); got {k}")
+        raise ValueError(f"--passk_k must satisfy 1 <= k <= {layout.n_samples_flag} ({n}); got k={k}")
     if schedule != "constant":
         ks = sorted({resolve(args, layout, s)["params"]["k"] for s in range(args.passk_k_schedule_steps + 1)})
     else:

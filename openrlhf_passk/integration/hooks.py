@@ -94,7 +94,7 @@ def _activate_modes() -> None:
     """Before any OpenRLHF code runs: stand-ins for the dry run, everything CPU mode needs."""
     if env.env_flag(env.CPU) or env.env_flag(env.DRY_RUN):
         # vLLM logs to stdout by default, and OpenRLHF imports it: the dry run's JSON report owns stdout.
-        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault(env.VLLM_LOGGING_STREAM, "ext://sys.stderr")
     if _cpu_mode() is None and env.env_flag(env.DRY_RUN):
         standins.install("dry run")
 

@@ -66,6 +66,10 @@ TABLE: tuple[Touch, ...] = (
     Touch(CLI_MODULE, "train", "runtime", "preflight:parse_training_args",
           "in the __main__ namespace: replaced by the dry run's report (OPENRLHF_PASSK_DRY_RUN), or preceded by "
           "the wait for the reward server's /health (--passk_reward_wait)"),
+    Touch("ray", "init", "runtime", "cluster:prepare",
+          "driver only: joining a cluster (RAY_ADDRESS) first checks the address answers; our non-secret switches "
+          "join the job's runtime_env (upstream's env_vars kept); then the GPU count and every node are checked, and "
+          "a lost node or actor is named after Ray's traceback"),
     # --- the estimators (experience.py)
     Touch(EXPERIENCE_MAKER_MODULE, "RemoteExperienceMaker.compute_advantages_and_returns", "wrap",
           "experience:patch_experience_maker",
