@@ -205,7 +205,8 @@ def main() -> int:
     for key in results[names[0]]:
         values = [results[n][key] for n in names]
         if isinstance(values[0], str):
-            print(f"  {key:<56}" + "".join(f"{v[-14:]:>14}" for v in values))
+            # Ray names its workers "ray::Class.method": the names are longer than a column, so one line
+            print(f"  {key:<56}" + " | ".join(v.removeprefix("ray::") for v in values))
             continue
         ratio = f"   {values[0] / values[1]:8.2f}" if len(values) == 2 and values[1] else ""
         print(f"  {key:<56}" + "".join(f"{v:14.2f}" for v in values) + ratio)

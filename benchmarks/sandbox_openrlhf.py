@@ -347,7 +347,7 @@ def markdown(s: dict, ks: list[int]) -> str:
             line += (f"; groups with all advantages 0: OpenRLHF {t['zero_adv_groups_first16']:.2f} -> "
                      f"{t['zero_adv_groups_last16']:.2f}, sandbox {t['sandbox_zero_adv_groups_first16']:.2f} -> "
                      f"{t['sandbox_zero_adv_groups_last16']:.2f}")
-        lines.append(line + f"; {t['step_s_mean']:.2f} s per step; rollouts: {t['engine']}")
+        lines.append(line + f"; {t['step_s_mean']:.2f} s per step; {t['engine']}")
     lines += ["", "Matched:", "", *[f"- {m}" for m in s["matched"]], "", "Not matched:", "",
               *[f"- {d}" for d in s["differences"]], "", "![pass@k](passk.png)", ""]
     t = s["timing"]

@@ -10,15 +10,13 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import helpers
 import pytest
 import yaml
 from conftest import HIDE_VLLM
@@ -546,12 +544,6 @@ def walk(grid: str, path: str) -> bool:
     return rows[r][c] == "E"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -565,10 +557,7 @@ def reward_server(tmp_path, subprocess_env):
     dockerfile = DOCKER / "reward.Dockerfile"
     argv = json.loads(last(dockerfile, "ENTRYPOINT")) + json.loads(last(dockerfile, "CMD"))
     assert argv[:2] == ["openrlhf-passk", "serve-reward"]
-    port = free_port()
     argv[0] = str(Path(sys.executable).parent / "openrlhf-passk")
-    argv[argv.index("--host") + 1] = "127.0.0.1"
-    argv[argv.index("--port") + 1] = str(port)
     blocker = tmp_path / "no_torch" / "torch"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('torch is not installed in the reward image')\n")
@@ -577,28 +566,8 @@ def reward_server(tmp_path, subprocess_env):
         "PYTHONPATH": os.pathsep.join([str(blocker.parent), subprocess_env["PYTHONPATH"]]),
     }
     env.pop("OPENRLHF_PASSK_REWARD_TOKEN", None)
-    log = (tmp_path / "server.log").open("w")
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, "reward server not healthy after 90 s"
-                time.sleep(0.5)
+    with helpers.reward_server(argv=argv, log=tmp_path / "server.log", env=env) as (_, base, port):
         yield base, port, env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # our own child's process group (uvicorn and its workers)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
 
 
 def test_reward_entrypoint_serves_rewards(reward_server, compose):
@@ -627,5 +596,5 @@ def test_reward_entrypoint_serves_rewards(reward_server, compose):
     check = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
     check[0] = sys.executable
     assert subprocess.run(check, env={**env, "REWARD_PORT": str(port)}, timeout=30).returncode == 0
-    dead = subprocess.run(check, env={**env, "REWARD_PORT": str(free_port())}, capture_output=True, timeout=30)
+    dead = subprocess.run(check, env={**env, "REWARD_PORT": str(helpers.free_port())}, capture_output=True, timeout=30)
     assert dead.returncode != 0

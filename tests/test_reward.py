@@ -3,8 +3,6 @@ the reward_func file path and the HTTP path against the real server (uvicorn, 2 
 
 import asyncio
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +11,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from helpers import reward_server
 
 from openrlhf_passk.tasks.maze import render_messages, render_prompt
 
@@ -144,56 +143,12 @@ def test_reward_file_reference_mode(monkeypatch, tokenizer):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The real `openrlhf-passk serve-reward` (uvicorn, 2 workers) on a free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("OPENRLHF_PASSK_REWARD_TOKEN", None)
-    log = open(tmp_path_factory.mktemp("reward-server") / "server.log", "w+")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "openrlhf_passk.cli",
-            "serve-reward",
-            "--task",
-            "maze",
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-            "--token",
-            TOKEN,
-            "--max-body-bytes",
-            "65536",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 45
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"reward server did not become healthy:\n{log.read()}")
-            time.sleep(0.2)
+    log = tmp_path_factory.mktemp("reward-server") / "server.log"
+    flags = ("--task", "maze", "--workers", "2", "--token", TOKEN, "--max-body-bytes", "65536")
+    with reward_server(*flags, log=log, env=env) as (_, base, _port):
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is the server and its workers
-            proc.wait()
-        log.close()
 
 
 def test_http_through_openrlhf_client(server, tokenizer):
