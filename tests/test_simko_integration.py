@@ -392,7 +392,10 @@ def test_cli_flags_and_validation():
         with pytest.raises(ValueError, match=message):
             simko.validate(parser.parse_args(flags))
     gspo = parser.parse_args(["--simko"])
-    gspo.actor = NS(policy_loss_type="gspo")
+    if OLD:
+        gspo.policy_loss_type = "gspo"  # 0.9.x: a flat dest
+    else:
+        gspo.actor = NS(policy_loss_type="gspo")
     with pytest.raises(ValueError, match="policy_loss_type"):
         simko.validate(gspo)
 
