@@ -61,9 +61,12 @@ PRIMARY = (
     {"a": "passk", "b": "grpo", "metric": "entropy", "alternative": "two-sided", "direction": 1},
 )
 ALPHA = 0.05
-# Settings that are not part of the experiment: where and how fast it runs, and what was merged.
-NOT_SETTINGS = {"command", "out", "seeds", "arms", "merge", "device", "threads", "jobs", "protocol", "preset",
+# Settings that are not part of the experiment: how fast a run goes, where it writes, and what was merged. The
+# device is not among them: CPU and GPU runs of the same settings give different numbers (see `comparable`).
+NOT_SETTINGS = {"command", "out", "seeds", "arms", "merge", "report", "threads", "jobs", "protocol", "preset",
                 "data", "curve", "merged_from"}
+# --merge recomputes every statistic with its own --resamples, so the parts' value does not matter.
+RECOMPUTED = {"resamples"}
 # `--preset`: what `openrlhf-passk sandbox` runs with no flags (a demo of a few minutes), and the protocol's
 # confirmation design. Any flag given explicitly overrides its preset value.
 PRESETS = {
@@ -86,9 +89,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one full run (data split, SFT, every arm) per seed")
     parser.add_argument("--arms", nargs="+", default=None, choices=tuple(ARMS),
                         help="runs to train and evaluate ('sft' is the shared start); " + preset("arms"))
-    parser.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
-                        help="instead of training: combine the summary.json of runs with the same settings but other "
-                             "seeds or arms (for example run apart) into OUT/summary.json and OUT/summary.png")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                      help="instead of training: combine the summary.json of runs with the same settings (device "
+                           "included) but other seeds or arms (for example run apart) into OUT/summary.json, "
+                           "summary.png and report.md; the statistics are recomputed with this run's --resamples, so "
+                           "parts may differ in it")
+    mode.add_argument("--report", type=Path, nargs="+", metavar="DIR",
+                      help="instead of training: write DIR/report.md (every arm and metric, every contrast with its "
+                           "per-seed values, both intervals, permutation p and smallest detectable effect, the "
+                           "update-size check) from DIR/summary.json as it stands: nothing is trained or recomputed. "
+                           "Training and --merge write report.md themselves")
     parser.add_argument("--protocol", type=Path, default=None,
                         help=f"protocol file whose settings the run is checked against (default: {DEFAULT_PROTOCOL} "
                              "if it exists)")
@@ -226,19 +237,23 @@ def check(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        protocol = load_protocol(args.protocol)
-    except DataError as e:
-        print(f"openrlhf-passk sandbox: error: {e}", file=sys.stderr)
-        return 2
-    if args.merge:
-        return merge(args.merge, args.out, protocol, args.resamples)
-    problems = check(resolve(args))
+    if args.report:
+        problems = []
+    elif args.merge:  # the merge recomputes the statistics: its resampling is the one training flag it uses
+        problems = [] if args.resamples >= 100 else [f"--resamples {args.resamples}: use at least 100"]
+    else:
+        problems = check(resolve(args))
     if problems:
         print("openrlhf-passk sandbox: error: " + "; ".join(problems), file=sys.stderr)
         return 2
     try:
-        summary = train(args, protocol)
+        if args.report:
+            for d in args.report:
+                (d / "report.md").write_text(render_report(read_summary(d, "--report")))
+                print(f"wrote {d / 'report.md'}")
+            return 0
+        protocol = load_protocol(args.protocol)
+        summary = merge(args.merge, args.out, protocol, args.resamples) if args.merge else train(args, protocol)
     except DataError as e:
         print(f"openrlhf-passk sandbox: error: {e}", file=sys.stderr)
         return 2
@@ -282,10 +297,12 @@ def check_protocol(settings: dict, protocol: dict | None) -> dict:
     """Where a run's settings, arms, seeds and primary endpoints disagree with the protocol."""
     if protocol is None:
         return {"file": None, "matches": None, "note": "no protocol file: not checked"}
-    differences = {key: {"run": settings.get(key), "protocol": value}
-                   for key, value in protocol["settings"].items() if settings.get(key) != value}
-    extra = sorted(set(settings) - set(protocol["settings"]) - NOT_SETTINGS)
-    for key in extra:  # a setting the protocol does not name (a newer flag) is reported, not guessed at
+    differences = {key: {"run": settings.get(key), "protocol": value} for key, value in protocol["settings"].items()
+                   if comparable(key, settings.get(key)) != comparable(key, value)}
+    # A setting the protocol does not name (a newer flag) is reported, not guessed at; a protocol that names no
+    # device leaves it open.
+    extra = sorted(set(settings) - set(protocol["settings"]) - NOT_SETTINGS - {"device"})
+    for key in extra:
         differences[key] = {"run": settings[key], "protocol": "(not in the protocol)"}
     if settings["arms"] != protocol["arms"]:
         differences["arms"] = {"run": settings["arms"], "protocol": protocol["arms"]}
@@ -300,6 +317,12 @@ def check_protocol(settings: dict, protocol: dict | None) -> dict:
     else:
         role = "other (neither the confirmation seeds nor tuning seeds only)"
     return {"file": protocol["file"], "matches": not differences, "differences": differences, "seeds": role}
+
+
+def comparable(key: str, value: object) -> object:
+    """A setting as runs and protocols are compared on it. The device counts by kind (cpu, cuda): CPU and GPU runs
+    of the same settings give different numbers, while cuda:0 and cuda:1 are the same kind of run."""
+    return str(value).split(":")[0] if key == "device" and value is not None else value
 
 
 # ---- 1. data ------------------------------------------------------------------------------------------
@@ -577,7 +600,8 @@ def _one_seed(args: argparse.Namespace, seed: int, tok, progress: bool = True):
     test_set = {"cluster": clusters, "size": [m.size for m in test], "length": [m.length for m in test]}
     timing["data_s"] = time.time() - t0
 
-    # ---- 2. a tiny Llama; 2048 positions (RoPE: no parameters) so CPU mode can roll it out (C6) ----------
+    # ---- 2. a tiny Llama; 2048 positions (RoPE: no parameters): CPU mode rolls it out at OpenRLHF's default
+    # --data.max_len of 2048 tokens (prompt + answer).
     config = LlamaConfig(vocab_size=len(tok), hidden_size=args.dim, intermediate_size=4 * args.dim,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, max_position_embeddings=2048,
@@ -923,67 +947,66 @@ def write_summary(runs: list[dict], test_sets: dict, settings: dict, timing: dic
         "aggregate": aggregate(runs, k_max),
         "statistics": statistics(runs, test_sets, k_max, settings.get("resamples", 10000)),
         "timing": timing,
-        "paths": [str(out / "summary.json"), str(out / "summary.png")],
+        "paths": [str(out / "summary.json"), str(out / "summary.png"), str(out / "report.md")],
     }
     summary["timing"]["statistics_s"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_summary(summary, out / "summary.png")
+    (out / "report.md").write_text(render_report(summary))
     return summary
 
 
-def merge(dirs: list[Path], out: Path, protocol: dict | None, resamples: int) -> int:
-    """Combine the runs of several summaries whose settings agree (apart from seeds, arms and how they ran)."""
-    parts = []
-    for d in dirs:
-        path = d / "summary.json"
-        if not path.is_file():
-            print(f"openrlhf-passk sandbox: error: --merge {d}: no summary.json there", file=sys.stderr)
-            return 2
-        try:
-            part = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            print(f"openrlhf-passk sandbox: error: --merge {path}: not valid JSON ({e})", file=sys.stderr)
-            return 2
-        if "test_sets" not in part:
-            print(f"openrlhf-passk sandbox: error: --merge {d}: its summary.json was written by an older sandbox "
-                  "(no per-maze test sets); rerun it", file=sys.stderr)
-            return 2
-        parts.append(part)
+def read_summary(d: Path, flag: str) -> dict:
+    """DIR/summary.json of a sandbox run, or a DataError naming the flag, the folder and the fix."""
+    path = d / "summary.json"
+    if not path.is_file():
+        raise DataError(f"{flag} {d}: no summary.json there")
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{flag} {path}: not valid JSON ({e})") from None
+    missing = [key for key in ("runs", "test_sets", "settings", "protocol", "aggregate", "statistics", "timing")
+               if key not in summary]
+    if missing:
+        raise DataError(f"{flag} {d}: its summary.json was written by an older sandbox (it has no "
+                        f"{', '.join(missing)}); rerun it")
+    return summary
+
+
+def merge(dirs: list[Path], out: Path, protocol: dict | None, resamples: int) -> dict:
+    """Combine the runs of several summaries whose settings agree (apart from seeds, arms, how fast they ran and
+    the resampling that the merge redoes), recompute every statistic, and write the merged summary."""
+    parts = [read_summary(d, "--merge") for d in dirs]
     ref = parts[0]["settings"]
     for d, part in zip(dirs, parts, strict=True):
-        keys = sorted((ref.keys() | part["settings"].keys()) - NOT_SETTINGS)
-        diff = [f"{key} ({part['settings'].get(key)!r} here, {ref.get(key)!r} in {dirs[0]})"
-                for key in keys if part["settings"].get(key) != ref.get(key)]
+        keys = sorted((ref.keys() | part["settings"].keys()) - NOT_SETTINGS - RECOMPUTED)
+        diff = [f"{key} ({part['settings'].get(key)!r} here, {ref.get(key)!r} in {dirs[0]})" for key in keys
+                if comparable(key, part["settings"].get(key)) != comparable(key, ref.get(key))]
         if diff:
-            print(f"openrlhf-passk sandbox: error: --merge {d}: settings differ from {dirs[0]} in "
-                  f"{'; '.join(diff)}; runs with other settings cannot be merged", file=sys.stderr)
-            return 2
+            raise DataError(f"--merge {d}: settings differ from {dirs[0]} in {'; '.join(diff)}; runs with other "
+                            "settings (a CPU and a GPU run included) cannot be merged")
     runs = [r for part in parts for r in part["runs"]]
     pairs = [(r["seed"], r["arm"]) for r in runs]
     if len(set(pairs)) != len(pairs):
-        print(f"openrlhf-passk sandbox: error: --merge: some (seed, arm) runs occur twice: {sorted(pairs)}",
-              file=sys.stderr)
-        return 2
+        raise DataError(f"--merge: some (seed, arm) runs occur twice: {sorted(pairs)}")
     test_sets: dict = {}
     for d, part in zip(dirs, parts, strict=True):
         for seed, ts in part["test_sets"].items():
             if test_sets.setdefault(seed, ts) != ts:
-                print(f"openrlhf-passk sandbox: error: --merge {d}: seed {seed}'s held-out mazes differ from "
-                      "another part's", file=sys.stderr)
-                return 2
+                raise DataError(f"--merge {d}: seed {seed}'s held-out mazes differ from another part's")
+    used = sorted({part["statistics"]["resamples"] for part in parts})
+    if used != [resamples]:
+        print(f"note: the parts' statistics used --resamples {', '.join(map(str, used))}; the merged statistics are "
+              f"recomputed with --resamples {resamples}")
     runs.sort(key=lambda r: (r["seed"], tuple(ARMS).index(r["arm"])))
     settings = {**ref, "seeds": sorted({s for s, _ in pairs}), "out": str(out),
                 "arms": [a for a in ARMS if any(arm == a for _, arm in pairs)],
                 "merged_from": [str(d) for d in dirs], "resamples": resamples,
                 "data": {k: v for part in parts for k, v in part["settings"]["data"].items()}}
-    if resamples != ref.get("resamples"):
-        settings["resamples"] = resamples
     timing = {"merged": {str(d): part["timing"] for d, part in zip(dirs, parts, strict=True)},
               "wall_s": None, "cpu_s": round(sum(part["timing"]["cpu_s"] for part in parts), 1)}
     out.mkdir(parents=True, exist_ok=True)
-    summary = write_summary(runs, test_sets, settings, timing, protocol, out)
-    _print_table(summary)
-    return 0
+    return write_summary(runs, test_sets, settings, timing, protocol, out)
 
 
 # ---- outputs -----------------------------------------------------------------------------------------------
@@ -1038,6 +1061,126 @@ def plot_summary(summary: dict, path: Path) -> None:
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def render_report(summary: dict) -> str:
+    """A summary as markdown: every arm's metrics (mean and sd over seeds, and per seed), every contrast with its
+    per-seed values, t and bootstrap intervals, permutation p and, where not detected, the smallest detectable
+    effect; the pass@k gap by k and the update-size check. It formats what the summary holds and recomputes nothing,
+    so the report of a committed summary.json can be written again without touching it."""
+    settings, stats = summary["settings"], summary["statistics"]
+    arms = list(summary["aggregate"])
+    metrics = list(next(iter(summary["aggregate"].values()), {}))
+    seeds = sorted({r["seed"] for r in summary["runs"]})
+
+    def interval(pair: list[float] | None) -> str:
+        return "-" if pair is None else f"[{pair[0]:+.3f}, {pair[1]:+.3f}]"
+
+    def pvalue(p: float | None) -> str:
+        return "-" if p is None else f"{p:.4f}" if p >= 1e-3 else f"{p:.2g}"  # 1 / 10,001 shows as 0.0001
+
+    def contrast_cells(c: dict) -> list[str]:
+        per_seed = ", ".join(f"{seed}: {v:+.3f}" for seed, v in c["per_seed"].items())
+        return [f"{c['mean']:+.3f}", per_seed, interval(c["t_interval"]), interval(c["bootstrap_interval"]),
+                pvalue(c["permutation_p"])]
+
+    def table(header: list[str], rows: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + [
+            "| " + " | ".join(row) + " |" for row in rows] + [""]
+
+    p = summary["protocol"]
+    if p["matches"] is None:
+        protocol = "not checked (no protocol file)"
+    elif p["matches"]:
+        protocol = f"every setting matches `{p['file']}`; seeds: {p['seeds']}"
+    else:
+        differences = "; ".join(f"{key} (run {v['run']!r}, protocol {v['protocol']!r})"
+                                for key, v in p["differences"].items())
+        protocol = f"**the settings differ from `{p['file']}`** in {differences}; seeds: {p['seeds']}"
+    resamples = stats["resamples"]
+    lines = [
+        f"# Sandbox results: {len(seeds)} seed(s), {len(arms)} arm(s)", "",
+        "Written by `openrlhf-passk sandbox` from the `summary.json` beside it (`openrlhf-passk sandbox --report "
+        "DIR` writes it again from that file alone). Every number below is in that file.", "",
+        f"- Seeds: {', '.join(map(str, seeds))}. Device: {settings.get('device')}. Arms: "
+        + ", ".join(f"`{a}`" for a in arms) + ".",
+        f"- {settings['rl_steps']} RL steps (k = {settings['k']}, switch at {settings['switch_at']}); "
+        f"{len(summary['runs'][0]['counts'])} held-out mazes per seed, n = {settings['eval_n']} samples each.",
+        f"- Protocol: {protocol}.",
+        f"- Statistics: a contrast a - b is paired by seed and maze; its estimate is the mean over seeds of the "
+        f"per-seed mean over mazes. t: {1 - stats['alpha']:.0%} Student's t interval of the per-seed values. "
+        f"Bootstrap: {1 - stats['alpha']:.0%} two-level percentile interval ({resamples:,} replicates: seeds, then "
+        f"layout classes within a seed). p: paired sign-flip permutation p within seeds ({resamples:,} random sign "
+        f"patterns, so at least {1 / (resamples + 1):.4f} unless all patterns were enumerated). Smallest detectable "
+        "effect: the true effect at which both intervals would exclude 0 with 80% power.", "",
+        "## Every arm: mean +- standard deviation over seeds", ""]
+    lines += table(["arm", *metrics], [
+        [f"`{arm}`"] + [f"{_fmt(m['mean'])} +- {_fmt(m['sd'])}" if m["sd"] is not None else _fmt(m["mean"])
+                        for m in summary["aggregate"][arm].values()] for arm in arms])
+    lines += ["## Every arm, per seed", ""]
+    lines += table(["arm", "seed", *metrics], [
+        [f"`{r['arm']}`", str(r["seed"])] + [_fmt(r["pass_at_k"][m[5:]] if m.startswith("pass@") else r[m])
+                                             for m in metrics]
+        for arm in arms for r in summary["runs"] if r["arm"] == arm])
+    lines += ["## Primary endpoints", "",
+              "Holm's correction over the permutation p-values of the endpoints that ran; the verdict needs Holm p "
+              f"<= {stats['alpha']} and both intervals excluding 0 on the predicted side.", ""]
+    rows = []
+    for c in stats["primary"]:
+        label = f"`{c['a']}` - `{c['b']}`, {c['metric']} ({c['alternative']})"
+        if c.get("missing"):
+            rows.append([label, "-", "-", "-", "-", "-", "-", c["verdict"]])
+        else:
+            rows.append([label, *contrast_cells(c), pvalue(c["holm_p"]), c["verdict"]])
+    lines += table(["endpoint", "estimate", "per seed", "t", "bootstrap", "permutation p", "Holm p", "verdict"], rows)
+    lines += ["## Secondary contrasts", "",
+              "Descriptive: two-sided permutation p without correction, never called reproduced. Every contrast and "
+              "metric the run has, including those that go the wrong way.", ""]
+    rows = []
+    for c in stats["secondary"]:
+        if c["t_interval"] is None:
+            result = "one seed: no seed-level interval, so no claim"
+        elif c["intervals_exclude_0"]:
+            result = "both intervals exclude 0"
+        else:
+            result = f"not detected (smallest detectable effect {c['mde']:.3f})"
+        rows.append([f"`{c['a']}` - `{c['b']}`", c["metric"], *contrast_cells(c), result])
+    lines += table(["contrast", "metric", "estimate", "per seed", "t", "bootstrap", "permutation p", "result"], rows)
+    if stats["passk_minus_grpo_by_k"]:
+        lines += ["## `passk` - `grpo` at every k (mean over seeds)", ""]
+        lines += table(["k", "pass@k difference"],
+                       [[k, f"{v:+.3f}"] for k, v in stats["passk_minus_grpo_by_k"].items()])
+    footing = stats["equal_footing"]
+    if footing["per_arm"]:
+        steps = next(iter(footing["per_arm"].values()))["steps_averaged"]
+        lines += ["## Update sizes (equal footing)", "",
+                  f"Mean |advantage| per response over the first and the last {steps} RL steps, mean over seeds; the "
+                  "ratio to `grpo`'s; the fraction of groups whose advantages are all zero.", ""]
+        rows = []
+        for arm, m in footing["per_arm"].items():
+            ratio = m.get("ratio_to_grpo", {})
+            rows.append([f"`{arm}`", f"{m['start']:.3f}", f"{m['end']:.3f}", _fmt(ratio.get("start"), ".2f"),
+                         _fmt(ratio.get("end"), ".2f"), f"{m['zero_adv_groups_start']:.2f}",
+                         f"{m['zero_adv_groups_end']:.2f}"])
+        lines += table(["arm", "start", "end", "start / grpo", "end / grpo", "zero-advantage groups, start",
+                        "zero-advantage groups, end"], rows)
+        if "grpo" not in footing["per_arm"]:
+            lines += ["No `grpo` arm: no ratio to compare.", ""]
+        elif footing["flag"]:
+            lines += ["**Update sizes differ from `grpo`'s by more than a factor of 2** (a ratio outside [1/2, 2]) "
+                      "for " + ", ".join(f"`{a}`" for a in footing["flag"]) + ".", ""]
+        else:
+            lines += ["Every ratio is within [1/2, 2].", ""]
+    timing = summary["timing"]
+    if timing.get("wall_s") is not None:
+        load = f"; load average {timing['loadavg_start'][0]} at the start, {timing['loadavg_end'][0]} at the end" \
+            if "loadavg_start" in timing else ""
+        lines += ["## Time", "", f"{timing['wall_s']} s wall, {timing['cpu_s']} CPU s summed over processes "
+                  f"(--jobs {timing.get('jobs')}, --threads {timing.get('threads')}){load}.", ""]
+    else:
+        lines += ["## Time", "", f"Merged from {len(timing.get('merged', {}))} run(s): {timing['cpu_s']} CPU s summed "
+                  "over them; their wall times are in `summary.json` (`timing.merged`).", ""]
+    return "\n".join(lines)
 
 
 def _print_table(summary: dict) -> None:

@@ -68,7 +68,16 @@ def test_short_run_writes_summary_figure_and_checkpoints(short_run):
         lines = (out / f"seed{seed}" / "test.jsonl").read_text().splitlines()
         assert len(lines) == 6 and summary["test_sets"][str(seed)]["cluster"] == [
             json.loads(line)["layout_class"] for line in lines]
-    assert summary["protocol"]["matches"] in (False, None)  # a 5x5 toy is not the protocol's design
+    protocol_file = REPO / "docs/sandbox/PROTOCOL.md"
+    if protocol_file.is_file():  # the run found it by default: every frozen setting the 5x5 toy changes is listed
+        text = protocol_file.read_text()
+        frozen = json.loads(text.split("```json\n", 1)[1].split("\n```", 1)[0])["settings"]
+        want = {key: {"run": summary["settings"][key], "protocol": value} for key, value in frozen.items()
+                if summary["settings"][key] != value}
+        assert {"sizes", "holdout", "rl_steps", "test_mazes", "eval_n"} <= set(want)
+        assert summary["protocol"]["matches"] is False and summary["protocol"]["differences"] == want
+        assert summary["protocol"]["seeds"].startswith("other")  # 3 and 4: neither tuning nor confirmation seeds
+    assert (out / "report.md").read_text() == sandbox.render_report(summary)
 
 
 def test_train_jsonl_holds_the_training_mazes_in_the_test_rows_format(short_run):
@@ -123,7 +132,12 @@ def test_pass_at_k_and_contrasts_match_brute_force(short_run):
         if np.std(per_seed) > 0:
             want = stats.t.interval(0.95, 1, loc=np.mean(per_seed), scale=stats.sem(per_seed))
             assert c["t_interval"] == pytest.approx(want)
-        assert 0 < c["permutation_p"] <= 1
+        # 2 seeds x 6 mazes: all 4,096 sign patterns of the per-maze differences, weighted so that their sum is the
+        # mean over seeds of the per-seed means; two-sided p = the share at least as far from 0 as the observed.
+        d = np.array([(brute_force(4, ca, 4) - brute_force(4, cb, 4)) / (2 * 6) for s in (3, 4) for (_, ca), (_, cb)
+                      in zip(runs[(c["a"], s)]["counts"], runs[(c["b"], s)]["counts"], strict=True)])
+        signs = np.array(list(itertools.product((1, -1), repeat=len(d))))
+        assert c["permutation_p"] == pytest.approx(np.mean(np.abs(signs @ d) >= abs(d.sum()) - 1e-9))
     assert found == len(ARMS) - 2 + len(ARMS) - 1 + 3  # vs grpo, vs sft, and the three arm-vs-arm contrasts
     primary = summary["statistics"]["primary"]
     assert [(p["a"], p["b"], p["metric"]) for p in primary] == [
@@ -145,7 +159,9 @@ def test_checkpoints_load_with_auto_classes_and_in_eval(short_run, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "seed3" / "sft")
     tok = AutoTokenizer.from_pretrained(out / "seed3" / "sft")
     config = model.config
-    assert config.max_position_embeddings >= 2048  # contract C6: CPU mode rolls it out at OpenRLHF's lengths
+    # CPU mode rolls these checkpoints out through OpenRLHF, whose default --data.max_len (prompt + answer) is
+    # 2,048 tokens: fewer positions would fail there, not here.
+    assert config.max_position_embeddings >= 2048
     assert config.hidden_size // config.num_attention_heads in sandbox.VLLM_CPU_HEAD_SIZES
     assert tok.decode(tok("<answer>LR</answer>", add_special_tokens=False)["input_ids"]) == "<answer>LR</answer>"
     argv = ["eval", "--model", str(out / "seed3" / "passk"), "--data", str(out / "seed3" / "test.jsonl"),
@@ -185,6 +201,44 @@ def test_one_seed_alone_reproduces_that_seed_and_merges(short_run, tmp_path, cap
     assert "settings differ" in err and "rl_steps (4 here, 9 in" in err
 
 
+def test_merge_refuses_runs_from_another_kind_of_device_and_redoes_the_resampling(short_run, tmp_path, capsys):
+    """CPU and GPU runs of the same settings give different numbers, so they never merge (cuda:0 and cuda are one
+    kind); the parts' bootstrap and permutation resamples do not matter, since the merge recomputes them."""
+    _, first = short_run
+
+    def part(name: str, seed: int, device: str = "cpu", resamples: int = 200) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        summary = {**first, "runs": [r for r in first["runs"] if r["seed"] == seed],
+                   "test_sets": {str(seed): first["test_sets"][str(seed)]},
+                   "settings": {**first["settings"], "seeds": [seed], "device": device, "resamples": resamples},
+                   "statistics": {**first["statistics"], "resamples": resamples}}
+        (d / "summary.json").write_text(json.dumps(summary))
+        return d
+
+    cpu3, gpu4 = part("cpu3", 3, device="cpu"), part("gpu4", 4, device="cuda")
+    merged = tmp_path / "merged"
+    capsys.readouterr()
+    assert main(["sandbox", "--merge", str(cpu3), str(gpu4), "--resamples", "200", "--out", str(merged)]) == 2
+    err = capsys.readouterr().err
+    assert f"--merge {gpu4}: settings differ from {cpu3} in device ('cuda' here, 'cpu' in {cpu3})" in err
+    assert not merged.exists()
+    gpu3 = part("gpu3", 3, device="cuda:0")
+    assert main(["sandbox", "--merge", str(gpu3), str(gpu4), "--resamples", "200", "--out", str(merged)]) == 0
+
+    fine3, coarse4 = part("fine3", 3, resamples=500), part("coarse4", 4, resamples=200)
+    out = tmp_path / "resampled"
+    capsys.readouterr()
+    assert main(["sandbox", "--merge", str(fine3), str(coarse4), "--resamples", "300", "--out", str(out)]) == 0
+    assert ("the parts' statistics used --resamples 200, 500; the merged statistics are recomputed with "
+            "--resamples 300") in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["resamples"] == 300 and summary["statistics"]["resamples"] == 300
+    assert summary["runs"] == first["runs"] and (out / "report.md").is_file()
+    assert main(["sandbox", "--merge", str(fine3), "--resamples", "5", "--out", str(out)]) == 2
+    assert "--resamples 5: use at least 100" in capsys.readouterr().err
+
+
 def test_settings_that_disagree_with_the_protocol_are_reported(short_run, tmp_path, capsys):
     out, first = short_run
     settings = {k: v for k, v in first["settings"].items() if k not in sandbox.NOT_SETTINGS}
@@ -205,8 +259,139 @@ def test_settings_that_disagree_with_the_protocol_are_reported(short_run, tmp_pa
     assert main(["sandbox", "--merge", str(out), "--protocol", str(protocol), "--resamples", "200",
                  "--out", str(merged)]) == 0
     assert json.loads((merged / "summary.json").read_text())["protocol"]["matches"] is True
+    # That protocol names the device (cpu): a GPU run of the same settings differs from it; one that names no
+    # device leaves it open.
+    assert settings["device"] == "cpu"
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    (gpu / "summary.json").write_text(json.dumps({**first, "settings": {**first["settings"], "device": "cuda"}}))
+    assert main(["sandbox", "--merge", str(gpu), "--protocol", str(protocol), "--resamples", "200",
+                 "--out", str(merged)]) == 0
+    p = json.loads((merged / "summary.json").read_text())["protocol"]
+    assert p["matches"] is False and p["differences"] == {"device": {"run": "cuda", "protocol": "cpu"}}
+    open_device = {k: v for k, v in settings.items() if k != "device"}
+    protocol.write_text("# frozen\n\n```json\n" + json.dumps({**block, "settings": open_device}) + "\n```\n")
+    assert main(["sandbox", "--merge", str(gpu), "--protocol", str(protocol), "--resamples", "200",
+                 "--out", str(merged)]) == 0
+    assert json.loads((merged / "summary.json").read_text())["protocol"]["matches"] is True
+    capsys.readouterr()
     assert main(["sandbox", "--merge", str(out), "--protocol", str(tmp_path / "nope.md"), "--out", str(merged)]) == 2
     assert "--protocol" in capsys.readouterr().err
+
+
+def small_summary() -> dict:
+    """A summary.json by hand: 2 seeds, 3 arms, 4 metrics, one contrast of each kind, with round numbers whose
+    printed form (3 decimals, signed for differences) is easy to write down."""
+    def run(seed: int, arm: str, p1: float, p2: float, entropy: float, distinct: float) -> dict:
+        return {"seed": seed, "arm": arm, "counts": [[4, 1], [4, 0], [4, 2]], "pass_at_k": {"1": p1, "2": p2},
+                "entropy": entropy, "distinct_per_solved": distinct}
+
+    def agg(mean: float, sd: float) -> dict:
+        return {"mean": mean, "sd": sd, "se": sd / math.sqrt(2), "n_seeds": 2}
+
+    def contrast(a, b, metric, per_seed, mean, t, boot, p, excludes, mde) -> dict:
+        return {"a": a, "b": b, "metric": metric, "alternative": "two-sided", "per_seed": per_seed, "mean": mean,
+                "seed_sd": 0.01, "t_interval": t, "bootstrap_interval": boot, "bootstrap_sd": 0.01,
+                "permutation_p": p, "n_mazes": 6, "mde": mde, "intervals_exclude_0": excludes}
+
+    metrics = ("pass@1", "pass@2", "entropy", "distinct_per_solved")
+    return {
+        "runs": [run(1, "sft", 0.1111, 0.2222, 0.5004, 1.25), run(2, "sft", 0.1333, 0.2667, 0.4996, 1.75),
+                 run(1, "grpo", 0.2011, 0.3022, 0.3101, 1.1), run(2, "grpo", 0.2212, 0.3138, 0.2899, 1.3),
+                 run(1, "passk", 0.1907, 0.3334, 0.4102, 1.5), run(2, "passk", 0.2016, 0.3426, 0.3898, 1.7)],
+        "test_sets": {},
+        "settings": {"device": "cpu", "rl_steps": 4, "k": 2, "switch_at": 0.5, "eval_n": 2},
+        "protocol": {"file": "P.md", "matches": False, "seeds": "tuning",
+                     "differences": {"rl_steps": {"run": 4, "protocol": 160}}},
+        "aggregate": {"sft": dict(zip(metrics, (agg(0.1222, 0.0157), agg(0.2444, 0.0314), agg(0.5, 0.0006),
+                                                agg(1.5, 0.3536)), strict=True)),
+                      "grpo": dict(zip(metrics, (agg(0.2112, 0.0142), agg(0.308, 0.0082), agg(0.3, 0.0143),
+                                                 agg(1.2, 0.1414)), strict=True)),
+                      "passk": dict(zip(metrics, (agg(0.1962, 0.0077), agg(0.338, 0.0065), agg(0.4, 0.0144),
+                                                  agg(1.6, 0.1414)), strict=True))},
+        "statistics": {
+            "alpha": 0.05, "resamples": 1000,
+            "primary": [
+                {**contrast("passk", "grpo", "pass@2", {"1": 0.0312, "2": 0.0288}, 0.0300, [0.0148, 0.0452],
+                            [0.0201, 0.0399], 0.00099900, True, 0.0112), "holm_p": 0.0019980, "verdict": "reproduced"},
+                {"a": "passk", "b": "grpo", "metric": "pass@16", "alternative": "two-sided", "missing": True,
+                 "verdict": "not run (an arm or the metric is missing)"}],
+            "secondary": [
+                contrast("passk", "grpo", "pass@1", {"1": -0.0104, "2": -0.0196}, -0.0150, [-0.0734, 0.0434],
+                         [-0.0251, -0.0049], 0.0468, False, 0.0617),
+                contrast("passk", "sft", "entropy", {"1": -0.0902, "2": -0.1098}, -0.1000, [-0.2244, 0.0244],
+                         [-0.1151, -0.0849], 0.00099900, False, 0.1283),
+                contrast("grpo", "sft", "pass@1", {"1": 0.0900, "2": 0.0879}, 0.0889, [0.0756, 0.1023],
+                         [0.0851, 0.0927], 0.2468, True, 0.0079)],
+            "passk_minus_grpo_by_k": {"1": -0.0150, "2": 0.0300},
+            "equal_footing": {"flag": ["passk"], "per_arm": {
+                "grpo": {"start": 0.4031, "end": 0.3399, "zero_adv_groups_start": 0.5120,
+                         "zero_adv_groups_end": 0.5880, "steps_averaged": 1,
+                         "ratio_to_grpo": {"start": 1.0, "end": 1.0}},
+                "passk": {"start": 0.1109, "end": 0.0951, "zero_adv_groups_start": 0.5230,
+                          "zero_adv_groups_end": 0.5710, "steps_averaged": 1,
+                          "ratio_to_grpo": {"start": 0.2751, "end": 0.2798}}}}},
+        "timing": {"wall_s": 12.3, "cpu_s": 20.4, "loadavg_start": [0.5, 0.4, 0.3], "loadavg_end": [1.5, 1.0, 0.7],
+                   "jobs": 2, "threads": 1},
+    }
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()
+            if line.startswith("| ") and not line.startswith("| ---")]
+
+
+def test_report_shows_every_arm_contrast_and_the_update_size_check():
+    report = sandbox.render_report(small_summary())
+    rows = table_rows(report)
+    # Every arm: mean +- sd over seeds, and each seed's own values, for every metric.
+    assert ["`grpo`", "0.211 +- 0.014", "0.308 +- 0.008", "0.300 +- 0.014", "1.200 +- 0.141"] in rows
+    assert ["`passk`", "2", "0.202", "0.343", "0.390", "1.700"] in rows
+    assert ["`sft`", "1", "0.111", "0.222", "0.500", "1.250"] in rows
+    # Primary: estimate, per seed, t, bootstrap, permutation p, Holm p, verdict; a missing endpoint says so.
+    assert ["`passk` - `grpo`, pass@2 (two-sided)", "+0.030", "1: +0.031, 2: +0.029", "[+0.015, +0.045]",
+            "[+0.020, +0.040]", "0.001", "0.0020", "reproduced"] in rows
+    assert ["`passk` - `grpo`, pass@16 (two-sided)", "-", "-", "-", "-", "-", "-",
+            "not run (an arm or the metric is missing)"] in rows
+    # Secondary, the wrong-way one included; "not detected" comes with the smallest detectable effect.
+    secondary = [row for row in rows if len(row) == 8 and row[1] in ("pass@1", "entropy")]
+    assert secondary == [
+        ["`passk` - `grpo`", "pass@1", "-0.015", "1: -0.010, 2: -0.020", "[-0.073, +0.043]", "[-0.025, -0.005]",
+         "0.0468", "not detected (smallest detectable effect 0.062)"],
+        ["`passk` - `sft`", "entropy", "-0.100", "1: -0.090, 2: -0.110", "[-0.224, +0.024]", "[-0.115, -0.085]",
+         "0.001", "not detected (smallest detectable effect 0.128)"],
+        ["`grpo` - `sft`", "pass@1", "+0.089", "1: +0.090, 2: +0.088", "[+0.076, +0.102]", "[+0.085, +0.093]",
+         "0.2468", "both intervals exclude 0"]]
+    assert ["1", "-0.015"] in rows and ["2", "+0.030"] in rows  # passk - grpo at every k
+    # Update sizes: start, end, both ratios to grpo, zero-advantage groups; the flagged arm is named.
+    assert ["`passk`", "0.111", "0.095", "0.28", "0.28", "0.52", "0.57"] in rows
+    assert "more than a factor of 2** (a ratio outside [1/2, 2]) for `passk`." in report
+    assert "rl_steps (run 4, protocol 160)" in report
+    assert "12.3 s wall, 20.4 CPU s" in report
+
+
+def test_report_flag_writes_report_md_from_the_summary_alone(tmp_path, capsys):
+    """--report reads DIR/summary.json and writes DIR/report.md; summary.json stays byte for byte; unreadable or
+    older summaries are clear errors."""
+    done, empty, broken, old = (tmp_path / name for name in ("done", "empty", "broken", "old"))
+    for d in (done, empty, broken, old):
+        d.mkdir()
+    text = json.dumps(small_summary(), indent=1) + "\n"
+    (done / "summary.json").write_text(text)
+    (broken / "summary.json").write_text("{")
+    (old / "summary.json").write_text(json.dumps({"runs": [], "settings": {}}))
+    assert main(["sandbox", "--report", str(done)]) == 0
+    assert (done / "summary.json").read_text() == text
+    assert "| `grpo` - `sft` | pass@1 | +0.089 |" in (done / "report.md").read_text()
+    assert sorted(p.name for p in done.iterdir()) == ["report.md", "summary.json"]  # nothing trained or plotted
+    capsys.readouterr()
+    assert main(["sandbox", "--report", str(empty)]) == 2
+    assert f"--report {empty}: no summary.json there" in capsys.readouterr().err
+    assert main(["sandbox", "--report", str(broken)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["sandbox", "--report", str(old)]) == 2
+    assert ("written by an older sandbox (it has no test_sets, protocol, aggregate, statistics, timing); rerun it"
+            in capsys.readouterr().err)
 
 
 def resolved(*argv: str) -> argparse.Namespace:
