@@ -1,5 +1,6 @@
 """Reward server benchmark: requests/s and latency as OpenRLHF sends them, a bad-input soak, and the
-attacks of the hostile-input review (issue 14), each timed alone while /health is probed.
+hostile inputs (quadratic-stripping bodies, huge labels, clients that hang up or stall), each timed alone
+while /health is probed.
 
 The server (`openrlhf-passk serve-reward`) runs in its own process on loopback; this process is the
 client (aiohttp, one sample per POST, like `SingleTurnAgentExecutor._fetch_rewards_via_http`).
@@ -137,7 +138,8 @@ def open_grid(n: int) -> str:
 
 
 def attacks() -> list[tuple[str, dict]]:
-    """The review's reproductions (issue 14 "Found") and the worst requests the default limits admit."""
+    """Requests that once cost seconds each (the timings in the labels are from before the fixes) and the
+    worst requests the default limits admit."""
     label = "..SE" + "." * 65532
     grid101 = open_grid(101)
     return [

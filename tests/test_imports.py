@@ -41,28 +41,56 @@ def _imports(path: Path) -> set[str]:
 GRAPH = {name: _imports(path) - {name} for name, path in MODULES.items()}
 
 
-def test_no_import_cycle_in_the_package():
+def _cycles(graph: dict[str, set[str]]) -> list[str]:
+    """Every import cycle a depth-first walk of `graph` closes, as "a -> b -> a"."""
     cycles, state = [], {}
 
     def visit(node: str, stack: list[str]) -> None:
         state[node] = "open"
-        for dep in sorted(GRAPH[node]):
+        for dep in sorted(graph[node]):
             if state.get(dep) == "open":
                 cycles.append(" -> ".join([*stack[stack.index(dep):], dep]))
             elif dep not in state:
                 visit(dep, [*stack, dep])
         state[node] = "done"
 
-    for node in sorted(GRAPH):
+    for node in sorted(graph):
         if node not in state:
             visit(node, [node])
-    assert cycles == []
+    return cycles
 
 
-def test_a_cycle_would_be_found():
-    """The parser sees imports inside functions: bootstrap's lazy import of hooks is an edge."""
-    assert "openrlhf_passk.integration.hooks" in GRAPH["openrlhf_passk.integration.bootstrap"]
-    assert "openrlhf_passk.integration.bootstrap" not in GRAPH["openrlhf_passk.integration.hooks"]
+def test_no_import_cycle_in_the_package():
+    assert _cycles(GRAPH) == []
+
+
+def test_a_cycle_would_be_found(tmp_path):
+    """The detector finds a cycle, and the parser sees the edges that can close one: imports inside functions
+    (bootstrap's lazy import of hooks) and `from package import module`."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    hooks, bootstrap = "openrlhf_passk.integration.hooks", "openrlhf_passk.integration.bootstrap"
+    assert hooks in GRAPH[bootstrap]
+    module = tmp_path / "lazy.py"
+    module.write_text("def f():\n    from openrlhf_passk.integration import hooks\n    import openrlhf_passk.env\n")
+    assert _imports(module) == {hooks, "openrlhf_passk.env"}
+    # The package's own graph with the edge that once closed a cycle: found.
+    assert f"{bootstrap} -> {hooks} -> {bootstrap}" in _cycles({**GRAPH, hooks: GRAPH[hooks] | {bootstrap}})
+
+
+# What the Ray workers run (the patches, and the per-step resolution) never imports what only the driver runs.
+WORKER = ("experience", "simko", "reward", "resolve")
+DRIVER_ONLY = ("flags", "preflight", "reward_preflight", "cluster", "doctor")
+
+
+def test_worker_code_does_not_import_driver_code():
+    seen, todo = set(), [f"openrlhf_passk.integration.{name}" for name in WORKER]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(GRAPH[module])
+    assert not seen & {f"openrlhf_passk.integration.{name}" for name in DRIVER_ONLY}
 
 
 def test_the_layers_point_one_way():
@@ -83,8 +111,8 @@ def test_the_layers_point_one_way():
 
 def test_hooks_import_after_openrlhf_without_the_pth():
     """A checkout on PYTHONPATH in an interpreter that never ran the .pth, with OpenRLHF already imported:
-    importing the hooks and then installing them works (before, hooks imported bootstrap, whose import
-    installed the finder and re-entered the half-imported hooks: AttributeError)."""
+    importing the hooks and then installing them works (an import of bootstrap that installed the finder as a
+    side effect would re-enter the half-imported hooks: AttributeError)."""
     site = sysconfig.get_paths()["purelib"]
     child = (
         f"import sys; sys.path[:0] = [{str(REPO)!r}, {site!r}]\n"

@@ -9,6 +9,7 @@ RemoteExperienceMaker.compute_advantages_and_returns in this process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import json
@@ -16,6 +17,8 @@ import math
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -123,6 +126,8 @@ def _flags(**kw) -> list[str]:
 
 # A reward URL where nothing listens (the token must not show up in our messages).
 DOWN_URL = f"http://127.0.0.1:{free_port()}/reward?token=tok-123"
+# Reward servers that answer 500 (started by the cli_runs fixture): one to the probe sample, one to /health.
+PROBE_500_PORT, HEALTH_500_PORT = free_port(), free_port()
 
 
 def _mission_flags(url: str) -> list[str]:
@@ -218,7 +223,16 @@ RUNS.update(
         "disabled_dry_run": (CLI + ["--help"], {**DRY, "OPENRLHF_PASSK_DISABLE": "1"}),
         # Schedule flags without a schedule, and k given twice.
         "schedule_flag_alone": (CLI + _flags() + PASSK8 + ["--passk_k_end", "2"], DRY),
+        "switch_at_alone": (CLI + _flags() + PASSK8 + ["--passk_k_switch_at", "0.3"], DRY),
         "k_twice": (CLI + _flags() + PASSK8 + ["--passk_param", "k=3"], DRY),
+        # An estimator without k and a k schedule: one message, not "add --passk_k" then "grpo takes no k".
+        "schedule_without_k": (CLI + _flags() + ["--advantage_estimator", "grpo", "--passk_k_schedule", "linear"], DRY),
+        "disabled_cpu": (CLI + ["--help"], {"OPENRLHF_PASSK_CPU": "1", "OPENRLHF_PASSK_DISABLE": "1"}),
+        # A reward server that answers 500: a real run stops before Ray with exit 2, as the dry run does.
+        "probe_500": (
+            CLI + _mission_flags(f"http://127.0.0.1:{PROBE_500_PORT}/reward") + ["--passk_reward_wait", "5"], {}
+        ),
+        "health_500_dry_run": (CLI + _mission_flags(f"http://127.0.0.1:{HEALTH_500_PORT}/reward"), DRY),
     }
 )
 for _name, (_cmd, _env) in RUNS.items():
@@ -261,7 +275,39 @@ for name, argv, env in json.load(sys.stdin):
 print(json.dumps(results))
 """
 # Commands that need a fresh interpreter (the .pth switched off at start) run in their own process.
-OWN_PROCESS = {"entry_point", "disabled_dry_run"}
+OWN_PROCESS = {"entry_point", "disabled_dry_run", "disabled_cpu"}
+
+
+class _Broken(BaseHTTPRequestHandler):
+    """A reward server that answers 500: to every POST, and to /health too when `server.health_500`."""
+
+    def do_GET(self):
+        self.send_response(500 if self.server.health_500 else 200)
+        self.end_headers()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(500)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def _broken_servers():
+    servers = []
+    for port, health_500 in ((PROBE_500_PORT, False), (HEALTH_500_PORT, True)):
+        server = ThreadingHTTPServer(("127.0.0.1", port), _Broken)
+        server.health_500 = health_500
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    try:
+        yield
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -280,15 +326,16 @@ def cli_runs(tmp_path_factory):
     (cwd / "data" / "maze_train.json").write_text(json.dumps(rows))
     # No tight timeout: the limit only turns a hang into a failure.
     shared = [(name, cmd[2:], extra) for name, (cmd, extra) in RUNS.items() if name not in OWN_PROCESS]
-    proc = subprocess.run(
-        [sys.executable, "-c", HARNESS],
-        input=json.dumps(shared),
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+    with _broken_servers():
+        proc = subprocess.run(
+            [sys.executable, "-c", HARNESS],
+            input=json.dumps(shared),
+            env=env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = {name: SimpleNamespace(**run) for name, run in json.loads(proc.stdout.splitlines()[-1]).items()}
     for name in OWN_PROCESS:
@@ -396,9 +443,33 @@ def test_disable_with_the_dry_run_variable_says_the_run_is_real(cli_runs):
     assert run.stderr.count(line) == 1 and "--passk_k" not in run.stdout  # and our flags are not there
 
 
+def test_disable_with_the_cpu_variable_gives_one_warning_line(cli_runs):
+    run = cli_runs["disabled_cpu"]
+    assert run.returncode == 0  # --help
+    warnings = [line for line in run.stderr.splitlines() if "WARNING" in line]
+    assert warnings == [
+        "[openrlhf-passk] WARNING: OPENRLHF_PASSK_DISABLE is on, so OPENRLHF_PASSK_CPU has no effect: this is a "
+        "plain OpenRLHF run (a real launch, no dry run, no CPU mode)"
+    ]
+    assert "--passk_k" not in run.stdout
+
+
 def test_schedule_flags_without_a_schedule_and_k_twice_are_refused(cli_runs):
     _refused(cli_runs["schedule_flag_alone"], "--passk_k_end set the k schedule, but --passk_k_schedule is constant")
+    _refused(cli_runs["switch_at_alone"], "--passk_k_switch_at set the k schedule, but --passk_k_schedule is constant")
     _refused(cli_runs["k_twice"], "--passk_param k=3 sets k a second time: --passk_k already gives 8")
+    run = cli_runs["schedule_without_k"]
+    _refused(run, "--passk_k_schedule linear: the 'grpo' estimator has no k to schedule", "drop --passk_k_schedule")
+    assert "add --passk_k" not in run.stderr
+
+
+def test_a_reward_server_answering_500_is_refused_before_ray(cli_runs):
+    run = cli_runs["probe_500"]
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "answered a probe sample with 500: it is up but fails on a request" in run.stderr
+    assert "Traceback" not in run.stderr and "Ray instance" not in run.stdout + run.stderr
+    _refused(cli_runs["health_500_dry_run"], "answered 5xx: it is up but broken", "/health answered 500")
+    assert "not reachable" not in cli_runs["health_500_dry_run"].stderr
 
 
 def test_dry_run_runs_train_colocation_check(cli_runs):
@@ -751,27 +822,6 @@ def test_registry_path_keeps_everything_group_norm_does():
     assert not torch.allclose(_info(ours, "reward"), rewards.double())  # the overlong penalty did act
 
 
-@pytest.mark.parametrize(
-    ("module", "actor"),
-    [("openrlhf.trainer.ppo_trainer", "PPOTrainer"), ("openrlhf.trainer.ppo_trainer_async", "TrainingActor")],
-)
-def test_the_step_clock_reaches_the_trainer_ray_actors(module, actor):
-    """The k schedule's clock: train_step records OpenRLHF's global_step on the experience maker, in the class
-    each trainer Ray actor really runs (the shipped modified_class): the synchronous PPOTrainer and the async
-    TrainingActor (--train.async_enable), which inherits train_step from BasePPOTrainer."""
-    import importlib
-
-    trainer_module = importlib.import_module(module)
-    if not hasattr(trainer_module, actor):
-        pytest.skip(f"{module} has no {actor} in this OpenRLHF")
-    shipped = getattr(trainer_module, actor).__ray_metadata__.modified_class
-    trainer = shipped.__new__(shipped)  # no __init__: only the clock is under test
-    trainer.experience_maker = SimpleNamespace()
-    with pytest.raises(Exception):  # noqa: B017 - upstream's own body fails on the empty trainer, after the clock
-        trainer.train_step([], 7)
-    assert trainer.experience_maker._passk_global_step == 7
-
-
 def test_k_schedule_follows_global_step():
     argv = [
         "--passk_k",
@@ -853,6 +903,22 @@ def test_a_users_estimator_gets_what_it_declares():
         flags.validate(penalised, LAYOUT)
 
 
+def test_validation_gives_every_declared_input_a_probe_value(monkeypatch):
+    """Validation probes an estimator with a value for each per-step input it declares, whatever the input:
+    a second input (beside entropy) is checked the same way."""
+    monkeypatch.setitem(advantages.INPUTS, "difficulty", "(G,) each prompt's difficulty")
+    shapes = []
+
+    @advantages.register("_test_two_inputs", inputs=("entropy", "difficulty"))
+    def two_inputs(rewards, *, k, entropy, difficulty):
+        shapes.append((tuple(entropy.shape), tuple(difficulty.shape)))
+        return advantages.passk(rewards, k=k)
+
+    summary, _ = flags.validate(_args("_test_two_inputs", passk_argv=["--passk_k", "2"]), LAYOUT)
+    assert set(summary["inputs_per_step"]) == {"entropy", "difficulty"}
+    assert shapes and set(shapes) == {((N + 1,), (N + 1,))}  # one value per probed group (c = 0..N correct)
+
+
 def test_adaptive_takes_prompt_entropies_in_index_order():
     rewards = _binary_rewards()
     per_sample = torch.rand(G * N, generator=torch.Generator().manual_seed(9))
@@ -929,7 +995,7 @@ def test_validation_messages():
         check("group_norm", ["--passk_k", "2"])
     with pytest.raises(ValueError, match="needs --passk_k_schedule_steps"):
         check("passk", ["--passk_k", "4", "--passk_k_schedule", "linear"])
-    # Each refusal names the flag at fault (before: --passk_k for a bad k_end, no flag for 0s).
+    # Each refusal names the flag at fault, not the internal parameter or the schedule's k.
     schedule = ["--passk_k", "4", "--passk_k_schedule", "linear", "--passk_k_schedule_steps"]
     with pytest.raises(ValueError, match=r"--passk_k_end must satisfy 1 <= k <= \S+ \(8\); got 10"):
         check("passk", [*schedule, "10", "--passk_k_end", "10"])
@@ -941,6 +1007,21 @@ def test_validation_messages():
         check("passk", ["--passk_k", "4", "--passk_k_schedule_steps", "5"])
     with pytest.raises(ValueError, match="--passk_param k=3 sets k a second time"):
         check("passk", ["--passk_k", "4", "--passk_param", "k=3"])
+    step = ["--passk_k", "4", "--passk_k_schedule", "step", "--passk_k_schedule_steps", "10"]
+    with pytest.raises(ValueError, match=r"--passk_k_switch_at must be a fraction of --passk_k_schedule_steps in \["):
+        check("passk", [*step, "--passk_k_switch_at", "1.5"])
+    with pytest.raises(ValueError, match="--passk_k_switch_at is when the step schedule switches k, but --passk_k_sch"):
+        check("passk", [*schedule, "10", "--passk_k_switch_at", "0.3"])
+    with pytest.raises(ValueError, match="--passk_k_switch_at set the k schedule, but --passk_k_schedule is constant"):
+        check("passk", ["--passk_k", "4", "--passk_k_switch_at", "0.3"])
+    summary, _ = check("passk", [*step, "--passk_k_switch_at", "0.3"])
+    assert summary["k_schedule"]["k_values"] == [4, 1] and summary["k_schedule"]["switch_at"] == 0.3
+    with pytest.raises(ValueError, match="only apply to openrlhf-passk estimators"):
+        check("group_norm", ["--passk_k_switch_at", "0.3"])
+    with pytest.raises(ValueError, match="--passk_k_schedule linear and --passk_k_end: the 'grpo' estimator has no k"):
+        check("grpo", ["--passk_k_schedule", "linear", "--passk_k_end", "2"])
+    with pytest.raises(ValueError, match="--passk_k_end: the 'grpo' estimator has no k to schedule"):
+        check("grpo", ["--passk_k_end", "2"])
     # k == N: every group of passk gets advantage 0 -> a warning, not an error.
     summary, warnings = check("passk", ["--passk_k", str(N)])
     assert len(warnings) == 1 and "EVERY group" in warnings[0]

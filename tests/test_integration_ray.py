@@ -1,8 +1,10 @@
-"""A real local Ray (CPU) actor, started through OpenRLHF's own RayActorGroup, sees the passk estimator
-without importing openrlhf_passk: the `.pth` installed in .venv activates the hooks in the worker.
+"""Real local Ray (CPU) actors, in drivers that are separate scripts:
 
-The driver is a separate script (it must not import our package either); this test only compares its
-output with the registry.
+- an actor started through OpenRLHF's own RayActorGroup sees the passk estimator without importing
+  openrlhf_passk: the `.pth` installed in .venv activates the hooks in the worker (the driver does not import
+  our package either; the test compares its output with the registry);
+- the k schedule's clock reaches the trainer actors, which Ray ships by value as the driver's class was
+  when Ray wrapped it: the synchronous PPOTrainer and the async TrainingActor (--train.async_enable).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ DRIVER = textwrap.dedent(
 
             passk = dict(passk_k=K, passk_k_schedule="constant", passk_k_end=None,
                          passk_k_schedule_steps=None,
-                         passk_k_switch_at=0.5, passk_num_groups=None, passk_seed=None, passk_reduce=None,
+                         passk_k_switch_at=None, passk_num_groups=None, passk_seed=None, passk_reduce=None,
                          passk_baseline=None, passk_f=None, passk_param=None, passk_estimator_module=None,
                          passk_success_threshold=1.0, simko=False)
             if importlib.metadata.version("openrlhf").startswith("0.11"):
@@ -129,3 +131,92 @@ def test_ray_worker_gets_the_patched_estimator(tmp_path, subprocess_env):
     assert "openrlhf_passk.integration.bootstrap" in result["passk_modules"]
     expected = advantages.compute("passk", rewards, k=2).view(-1)
     assert torch.allclose(torch.tensor(result["advantages"]), expected, atol=1e-6)
+
+
+# A fresh interpreter that imports the ASYNC trainer module first, as `--train.async_enable` runs do (it imports
+# ppo_trainer itself, before Ray wraps TrainingActor). Each trainer actor class is then created as a real Ray
+# actor: Ray ships its modified_class by value, with the train_step it had in this driver. Its __init__ (which
+# builds the models) is replaced in the shipped class by one that sets only what the clock needs; upstream's
+# train_step then fails on the empty experience maker, after our wrapper has recorded the step.
+STEP_CLOCK_DRIVER = textwrap.dedent(
+    r"""
+    import inspect, json, os, sys
+    from types import SimpleNamespace
+
+    def remove_the_base_patch():
+        # Our patch function as if it lacked the BasePPOTrainer.train_step patch, in this process (before any
+        # OpenRLHF import: the hooks look the function up then).
+        from openrlhf_passk.integration import experience
+
+        real = experience.patch_trainer
+
+        def patch_trainer(module):
+            original = module.BasePPOTrainer.train_step
+            real(module)
+            module.BasePPOTrainer.train_step = original
+
+        experience.patch_trainer = patch_trainer
+
+
+    # The Ray workers need it too: they import OpenRLHF (with the hooks) to unpickle what refers to it.
+    mutant = sys.argv[1] == "without the BasePPOTrainer patch"
+    if mutant:
+        remove_the_base_patch()
+    assert "openrlhf.trainer.ppo_trainer" not in sys.modules
+    import openrlhf.trainer.ppo_trainer_async as trainer_async
+    import ray
+    from openrlhf.trainer.ppo_trainer import PPOTrainer
+
+
+    def bare_init(self, *args, **kwargs):
+        self.experience_maker = SimpleNamespace()
+
+
+    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024**2,
+             runtime_env={"worker_process_setup_hook": remove_the_base_patch} if mutant else None)
+    try:
+        clock = {}
+        for actor_class in (trainer_async.TrainingActor, PPOTrainer):
+            shipped = actor_class.__ray_metadata__.modified_class
+            # Upstream's required arguments, as None: Ray checks the call against the signature it recorded.
+            init = inspect.signature(shipped.__init__).parameters.values()
+            named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            dummies = {p.name: None for p in init if p.name != "self" and p.kind in named and p.default is p.empty}
+            shipped.__init__ = bare_init
+            actor = actor_class.options(num_cpus=0).remote(**dummies)
+            try:
+                ray.get(actor.train_step.remote([], 7))
+            except ray.exceptions.RayTaskError:
+                pass  # upstream's body on the empty experience maker, after the clock
+            clock[shipped.__name__] = ray.get(actor.__ray_call__.remote(
+                lambda self: [os.getpid(), getattr(self.experience_maker, "_passk_global_step", None)]
+            ))
+    finally:
+        ray.shutdown()
+    print("RESULT " + json.dumps({"driver_pid": os.getpid(), "clock": clock}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("patch", ["as shipped", "without the BasePPOTrainer patch"])
+def test_the_step_clock_reaches_the_trainer_actors_that_ray_ships(patch, tmp_path, subprocess_env):
+    """TrainingActor inherits train_step from BasePPOTrainer: only the BasePPOTrainer patch, applied before the
+    async module wraps it, puts the clock into the class Ray ships. PPOTrainer is wrapped inside ppo_trainer's
+    own body, before any patch: its own row patches the shipped class. Without the BasePPOTrainer patch (the
+    second case, in the driver and in the workers, as if its row were gone) the async trainer's k would stay
+    at its start, which this test catches."""
+    driver = tmp_path / "step_clock.py"
+    driver.write_text(STEP_CLOCK_DRIVER)
+    env = {**subprocess_env, "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
+    run = subprocess.run(
+        [sys.executable, str(driver), patch], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-4000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert all(pid != result["driver_pid"] for pid, _ in result["clock"].values())  # in the Ray workers
+    steps = {name: step for name, (_, step) in result["clock"].items()}
+    expected_async = 7 if patch == "as shipped" else None
+    assert steps == {"TrainingActor": expected_async, "PPOTrainer": 7}

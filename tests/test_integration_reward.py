@@ -1,6 +1,7 @@
 """A failing reward source stops the run loudly, through the REAL upstream reward call
-(`openrlhf.utils.agent.SingleTurnAgentExecutor.execute`, patched by the .pth hook), on 0.11.2 and, with its
-copy first on PYTHONPATH, 0.9.10. Also the readiness checks the driver makes before training.
+(`openrlhf.utils.agent.SingleTurnAgentExecutor.execute`, patched by the .pth hook: `reward`), on 0.11.2 and,
+with its copy first on PYTHONPATH, 0.9.10. Also the checks the driver makes before training
+(`reward_preflight`).
 
 HTTP cases talk to a tiny server on 127.0.0.1; upstream's 1 s pause between its 5 tries is shortened
 (asyncio.sleep is counted, not skipped), so the retries still happen.
@@ -23,7 +24,8 @@ import pytest
 import torch
 from helpers import free_port
 
-from openrlhf_passk.integration import reward
+from openrlhf_passk import env
+from openrlhf_passk.integration import reward, reward_preflight
 
 TOKEN = "secret-token-42"
 
@@ -94,7 +96,7 @@ def test_reward_file_that_raises_stops_the_run(tmp_path, agent_errors):
         run_sample(SingleTurnAgentExecutor(remote_rm_url=path))
     message = str(info.value)
     assert f"reward file {path} failed" in message and "KeyError: 'no such maze'" in message
-    assert "Fix: fix reward_func" in message and "OPENRLHF_PASSK_DISABLE=1" in message
+    assert "Fix: fix reward_func" in message and f"{env.DISABLE}=1" in message
     assert isinstance(info.value.__cause__, KeyError)
     assert [r.getMessage() for r in agent_errors] == [message]
     reward._logged_traceback.clear()  # the first failure of a process logs the original's traceback
@@ -218,7 +220,7 @@ def test_wait_ready_times_out_with_the_url_on_a_free_port():
     url = f"http://127.0.0.1:{free_port()}/reward?token={TOKEN}"
     start = time.monotonic()
     with pytest.raises(RuntimeError) as info:
-        reward.wait_ready(url, wait_s=1.0, flag="--remote_rm_url", interval=0.2)
+        reward_preflight.wait_ready(url, wait_s=1.0, flag="--remote_rm_url", interval=0.2)
     assert time.monotonic() - start < 10
     message = str(info.value)
     assert "reward server http://127.0.0.1:" in message and "not ready after 1 s" in message
@@ -228,22 +230,56 @@ def test_wait_ready_times_out_with_the_url_on_a_free_port():
 def test_wait_ready_waits_for_a_starting_server(http_server):
     http_server.health_starting = 2  # answers 503 twice, as our server does before its self-check
     url = f"http://127.0.0.1:{http_server.server_port}/?token={TOKEN}"
-    detail = reward.wait_ready(url, wait_s=30, flag="--remote_rm_url", interval=0.05)
+    detail = reward_preflight.wait_ready(url, wait_s=30, flag="--remote_rm_url", interval=0.05)
     assert "/health answered 200; a probe sample was answered 200" in detail and http_server.health_calls == 3
     assert http_server.posts == [f"/?token={TOKEN}"]  # one probe sample, after /health said ready
 
 
-def test_a_server_that_answers_5xx_is_not_ready(http_server):
+def test_a_server_that_answers_5xx_is_not_ready(http_server, capsys):
     """/health says 200 but a probe sample gets 500: every sample would fail, so the wait (and a dry run)
-    stop at once with the status, instead of starting Ray and the models."""
+    stop at once with the status, instead of starting Ray and the models; a real run exits 2, as the dry run
+    refuses it."""
     http_server.post_status = 500
     url = f"http://127.0.0.1:{http_server.server_port}/"
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="answered a probe sample with 500: it is up but fails on a request"):
-        reward.wait_ready(url, wait_s=30, flag="--remote_rm_url", interval=0.05)
+    with pytest.raises(ValueError, match="answered a probe sample with 500: it is up but fails on a request"):
+        reward_preflight.wait_ready(url, wait_s=30, flag="--remote_rm_url", interval=0.05)
     assert time.monotonic() - start < 10  # not the 30 s wait
     with pytest.raises(ValueError, match="--reward.remote_url: the reward server .* answered a probe sample with 500"):
-        reward.check_sources(url, "--reward.remote_url", dry_run=True)
+        reward_preflight.check_sources(url, "--reward.remote_url", dry_run=True)
+    started = []
+    with pytest.raises(SystemExit) as info:
+        reward_preflight.wrap_train(started.append, [url], 30, "--remote_rm_url")("args")
+    assert info.value.code == 2 and started == []
+    assert "[openrlhf-passk] error: --remote_rm_url: the reward server" in capsys.readouterr().err
+
+
+def test_a_health_that_answers_5xx_is_a_broken_server(http_server, capsys):
+    """/health answering 5xx: a dry run refuses it at once; a real run waits it out (our server answers 503
+    while it starts), then exits 2. Both say the server answered 5xx, not that it is unreachable."""
+    http_server.health_starting = 10**9  # 503 to every /health
+    url = f"http://127.0.0.1:{http_server.server_port}/"
+    with pytest.raises(ValueError) as info:
+        reward_preflight.check_sources(url, "--reward.remote_url", dry_run=True)
+    message = str(info.value)
+    assert "(--reward.remote_url) answered 5xx: it is up but broken" in message and "/health answered 503" in message
+    assert "not reachable" not in message and http_server.posts == []
+    with pytest.raises(ValueError, match=r"answered 5xx: it is up but broken .* still after 0.5 s"):
+        reward_preflight.wait_ready(url, wait_s=0.5, flag="--remote_rm_url", interval=0.05)
+    assert http_server.health_calls > 2  # it kept asking until the wait ended
+    started = []
+    with pytest.raises(SystemExit) as info:
+        reward_preflight.wrap_train(started.append, [url], 0.1, "--remote_rm_url")("args")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and started == []
+    assert "answered 5xx: it is up but broken" in err and "not reachable" not in err
+
+
+def test_nothing_answering_exits_1_after_the_wait(capsys):
+    started = []
+    with pytest.raises(SystemExit) as info:
+        reward_preflight.wrap_train(started.append, [f"http://127.0.0.1:{free_port()}/"], 0.3, "--remote_rm_url")("a")
+    assert info.value.code == 1 and started == [] and "is not ready after 0.3 s" in capsys.readouterr().err
 
 
 def test_mixed_or_several_reward_files_are_refused(tmp_path):
@@ -253,38 +289,38 @@ def test_mixed_or_several_reward_files_are_refused(tmp_path):
     url = "http://127.0.0.1:5000/get_reward?token=s3cret"
     for value in (f"{path},{url}", f"{url},{path}"):
         with pytest.raises(ValueError, match="mixes a .py reward file and URLs: OpenRLHF scores every sample") as info:
-            reward.check_sources(value, "--reward.remote_url", dry_run=False)
+            reward_preflight.check_sources(value, "--reward.remote_url", dry_run=False)
         assert "s3cret" not in str(info.value)
     with pytest.raises(ValueError, match="names 2 reward files .* OpenRLHF loads only the first one"):
-        reward.check_sources(f"{path},{path}", "--reward.remote_url", dry_run=False)
+        reward_preflight.check_sources(f"{path},{path}", "--reward.remote_url", dry_run=False)
 
 
 def test_check_sources_reward_files(tmp_path):
     flag = "--remote_rm_url"
     with pytest.raises(ValueError, match=f"{flag}: reward file .*nope.py does not exist"):
-        reward.check_sources(str(tmp_path / "nope.py"), flag, dry_run=True)
+        reward_preflight.check_sources(str(tmp_path / "nope.py"), flag, dry_run=True)
     path = reward_file(tmp_path, "import no_such_module_xyz\n")
     with pytest.raises(ValueError, match="failed to load: ModuleNotFoundError.*absolute imports"):
-        reward.check_sources(path, flag, dry_run=False)
+        reward_preflight.check_sources(path, flag, dry_run=False)
     path = reward_file(tmp_path, "def reward(queries, prompts, labels):\n    return {}\n")
     with pytest.raises(ValueError, match="defines no function reward_func"):
-        reward.check_sources(path, flag, dry_run=False)
+        reward_preflight.check_sources(path, flag, dry_run=False)
     path = reward_file(tmp_path, "def reward_func(queries, prompts, labels):\n    return {}\n")
-    report, warnings = reward.check_sources(path, flag, dry_run=False)
+    report, warnings = reward_preflight.check_sources(path, flag, dry_run=False)
     assert report[0]["source"] == path and warnings == []
 
 
 def test_check_sources_urls_probe_only_in_dry_run(http_server):
     down = f"http://127.0.0.1:{free_port()}/"
     up = f"http://127.0.0.1:{http_server.server_port}/"
-    report, warnings = reward.check_sources(f"{down},{up}", "--reward.remote_url", dry_run=True)
+    report, warnings = reward_preflight.check_sources(f"{down},{up}", "--reward.remote_url", dry_run=True)
     assert "is not reachable" in report[0]["health"] and report[1]["health"].endswith("answered 200")
     assert len(warnings) == 1 and down in warnings[0]
-    report, warnings = reward.check_sources(down, "--reward.remote_url", dry_run=False)
+    report, warnings = reward_preflight.check_sources(down, "--reward.remote_url", dry_run=False)
     assert "health" not in report[0] and warnings == [] and http_server.health_calls == 1
 
 
-# --- the reward token (contract C5) and the probe sample (issue 15 item 3) ----------------------------
+# --- the reward token, sent as a Bearer header, and the probe sample that checks it before training ------
 
 
 def test_token_env_makes_openrlhfs_client_send_a_bearer_header(http_server, monkeypatch):
@@ -331,7 +367,7 @@ def test_empty_token_env_stops_the_run_naming_the_variable(http_server, monkeypa
         run_sample(SingleTurnAgentExecutor(remote_rm_url=f"http://127.0.0.1:{http_server.server_port}/"))
     assert http_server.posts == []  # nothing was sent without the token
     with pytest.raises(ValueError, match=f"{reward.TOKEN_ENV} is set but empty"):
-        reward.check_sources(f"http://127.0.0.1:{http_server.server_port}/", "--remote_rm_url", dry_run=False)
+        reward_preflight.check_sources(f"http://127.0.0.1:{http_server.server_port}/", "--remote_rm_url", dry_run=False)
 
 
 def test_refused_token_is_redacted_in_the_failure_message(http_server, monkeypatch, quick_retries):
@@ -348,29 +384,30 @@ def test_refused_token_is_redacted_in_the_failure_message(http_server, monkeypat
     assert reward.redact_text("Bearer env-token-77 at http://h/?token=x&y=1") == "Bearer *** at http://h/?..."
 
 
-def test_probe_sample_fails_a_wrong_token_in_dry_run_and_real_run(http_server, monkeypatch):
+def test_probe_sample_fails_a_wrong_token_in_dry_run_and_real_run(http_server, monkeypatch, capsys):
     monkeypatch.setenv(reward.TOKEN_ENV, TOKEN)
     url = f"http://127.0.0.1:{http_server.server_port}/reward"
     http_server.post_status = 200
-    report, warnings = reward.check_sources(url, "--remote_rm_url", dry_run=True)
+    report, warnings = reward_preflight.check_sources(url, "--remote_rm_url", dry_run=True)
     assert report[0]["probe_sample"] == "a probe sample was answered 200" and warnings == []
     assert http_server.auth == [f"Bearer {TOKEN}"]
     for status in (401, 403):
         http_server.post_status = status
         with pytest.raises(ValueError) as info:
-            reward.check_sources(url, "--remote_rm_url", dry_run=True)
+            reward_preflight.check_sources(url, "--remote_rm_url", dry_run=True)
         message = str(info.value)
         assert f"refused a probe sample with {status}" in message and reward.TOKEN_ENV in message
         assert "Bearer header" in message and TOKEN not in message
-    # A real run: the pre-training wait fails the same way, and wrap_train exits with the message.
-    with pytest.raises(RuntimeError, match="the reward token is missing or wrong"):
-        reward.wait_ready(url, wait_s=5, flag="--remote_rm_url", interval=0.05)
+    # A real run: the pre-training wait fails the same way, and wrap_train exits 2 with the message.
+    with pytest.raises(ValueError, match="the reward token is missing or wrong"):
+        reward_preflight.wait_ready(url, wait_s=5, flag="--remote_rm_url", interval=0.05)
     monkeypatch.delenv(reward.TOKEN_ENV)
     started = []
     with pytest.raises(SystemExit) as info:
-        reward.wrap_train(started.append, [url + f"?token={TOKEN}"], 5, "--remote_rm_url")("args")
-    assert "no ?token=" not in str(info.value) and "the URL's ?token=" in str(info.value)
-    assert TOKEN not in str(info.value) and started == []
+        reward_preflight.wrap_train(started.append, [url + f"?token={TOKEN}"], 5, "--remote_rm_url")("args")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "no ?token=" not in err and "the URL's ?token=" in err
+    assert TOKEN not in err and started == []
 
 
 def test_probe_sample_against_the_real_server(monkeypatch):
@@ -380,7 +417,7 @@ def test_probe_sample_against_the_real_server(monkeypatch):
     from openrlhf_passk.rewards.server import create_app
     from openrlhf_passk.tasks.maze import score
 
-    assert score(reward.PROBE_SAMPLE["query"][0], reward.PROBE_SAMPLE["labels"][0]) == 1.0
+    assert score(reward_preflight.PROBE_SAMPLE["query"][0], reward_preflight.PROBE_SAMPLE["labels"][0]) == 1.0
 
     config = uvicorn.Config(create_app(token=TOKEN), host="127.0.0.1", port=free_port(), log_level="error")
     server = uvicorn.Server(config)
@@ -389,9 +426,9 @@ def test_probe_sample_against_the_real_server(monkeypatch):
     try:
         url = f"http://127.0.0.1:{config.port}/"
         monkeypatch.setenv(reward.TOKEN_ENV, TOKEN)
-        assert "answered 200" in reward.wait_ready(url, wait_s=30, flag="--remote_rm_url", interval=0.1)
+        assert "answered 200" in reward_preflight.wait_ready(url, wait_s=30, flag="--remote_rm_url", interval=0.1)
         monkeypatch.setenv(reward.TOKEN_ENV, "wrong")
-        assert reward.probe_sample(url)[0] is False
+        assert reward_preflight.probe_sample(url)[0] is False
     finally:
         server.should_exit = True
         thread.join(timeout=15)

@@ -1,4 +1,5 @@
-"""Scoring costs linear time in the input (issue 14, findings 1, 2 and 4), and label work is bounded:
+"""Scoring costs linear time in the input (a search or a strip loop that is quadratic makes a cheap request
+hold a worker for seconds), and label work is bounded:
 4x the input must cost under 6x the time, for hostile shapes that hypothesis builds from the strings the
 scorer searches for. Timings are the minimum of several runs at sizes where one run takes milliseconds,
 so a loaded machine's noise (which only ever adds time) cannot fake or hide a quadratic cost."""
@@ -79,8 +80,8 @@ def repeat(unit: str, n: int) -> str:
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(query_unit=units, label_unit=units, prompt_unit=units, prompt_found=st.booleans())
-@example(query_unit=".", label_unit="..SE" + "." * 8, prompt_unit="", prompt_found=False)  # finding 1
-@example(query_unit="</s>", label_unit="S.E", prompt_unit="", prompt_found=False)  # finding 2
+@example(query_unit=".", label_unit="..SE" + "." * 8, prompt_unit="", prompt_found=False)  # label in the query
+@example(query_unit="</s>", label_unit="S.E", prompt_unit="", prompt_found=False)  # end markers
 @example(query_unit="<answer>", label_unit="x", prompt_unit="<answer>", prompt_found=True)
 def test_request_path_is_linear(query_unit, label_unit, prompt_unit, prompt_found):
     def make(n):

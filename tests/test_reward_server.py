@@ -1,5 +1,6 @@
-"""The reward server under attack (issue 14): the hostile requests of the review, each against the real
-`openrlhf-passk serve-reward` with ONE worker on 127.0.0.1. Each must be answered (or cut off) within
+"""The reward server under attack: hostile requests (bodies that made the scorer quadratic, huge labels,
+clients that hang up or stall, wrong tokens), each against the real `openrlhf-passk serve-reward` with ONE
+worker on 127.0.0.1. Each must be answered (or cut off) within
 5 s, /health must keep answering, nothing may count as an internal error, and the worker must not die
 (its pid stays the same)."""
 
@@ -72,10 +73,10 @@ def grid_text(n):
     return "\n".join(rows)
 
 
-# --- finding 1, 2, 4: hostile bodies are answered quickly ---------------------------------------
+# --- hostile bodies are answered quickly -----------------------------------------------------------
 
 HOSTILE = {
-    # Finding 1: the label recurs in a long query (rfind was quadratic: 7.1 s at 256 KiB).
+    # The label recurs in a long query (a right-to-left search is quadratic there: 7.1 s at 256 KiB).
     "label_in_query": (
         {"query": ["..SE" + "." * 65532 + "." * 131072], "prompts": [""], "labels": ["..SE" + "." * 65532]},
         422,
@@ -87,9 +88,9 @@ HOSTILE = {
         200,
         None,
     ),
-    # Finding 2: end markers (1 MiB took 16 s).
+    # End markers, stripped one by one, are quadratic (1 MiB took 16 s).
     "end_markers": ({"query": ["</s>" * 262144], "prompts": [""], "labels": [GRID.grid]}, 200, None),
-    # Finding 4: a 2001x2001 label (4.6 s of CPU per sample).
+    # A 2001x2001 label: 4.6 s of CPU per sample without the grid limit.
     "huge_label": ({"query": ["x"], "prompts": [""], "labels": [grid_text(2001)]}, 422, "--max-grid"),
     "label_over_grid_limit": ({"query": ["x"], "prompts": [""], "labels": [grid_text(53)]}, 422, "51x51"),
     "too_many_samples": ({"query": ["x"] * 65, "prompts": [""] * 65, "labels": [GRID.grid] * 65}, 413, "--max-samples"),
@@ -141,7 +142,7 @@ def test_many_distinct_labels_and_a_normal_request_afterwards(server):
     assert r.status_code == 200 and r.json()["rewards"] == [1.0] * 32 and took < LIMIT_S
 
 
-# --- finding 3: clients that hang up or stall ----------------------------------------------------
+# --- clients that hang up or stall: no worker may wait on them -------------------------------------
 
 
 def raw_request(server, head: bytes, body: bytes = b"") -> socket.socket:
@@ -195,7 +196,7 @@ def test_slow_body_gets_408(server):
     assert_alive(server)
 
 
-# --- finding 5 and 7: auth, HEAD, docs, logs ------------------------------------------------------
+# --- auth, HEAD, docs, logs ------------------------------------------------------------------------
 
 
 def test_token_by_header_or_query_and_wrong_ones(server):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from openrlhf_passk import losses
-from openrlhf_passk.integration import simko
+from openrlhf_passk.integration import flags, simko
 
 V, PROMPT, K, LR = 48, 4, 3, 0.5
 RESPONSE_LENGTHS = (9, 4, 12, 7, 0)  # the last response has no action tokens
@@ -375,14 +375,14 @@ def test_cli_flags_and_validation():
     import argparse
 
     parser = argparse.ArgumentParser()
-    simko.add_arguments(parser)
+    flags.add_simko_arguments(parser)
     args = parser.parse_args([])
     assert (args.simko, args.simko_top_k, args.simko_tau, args.simko_alpha, args.simko_lambda) == (
         False, 3, 0.8, 0.01, 1.1,
     )  # fmt: skip
     assert args.simko_correct_threshold == 0.5
-    simko.validate(args)
-    for flags, message in [
+    flags.validate_simko(args)
+    for argv, message in [
         (["--simko", "--simko_tau", "1.0"], "gates no token"),
         (["--simko_tau", "-0.1"], "--simko_tau must be in"),
         (["--simko_top_k", "0"], "--simko_top_k must be >= 1"),
@@ -390,14 +390,14 @@ def test_cli_flags_and_validation():
         (["--simko_lambda", "0"], "--simko_lambda must be > 0"),
     ]:
         with pytest.raises(ValueError, match=message):
-            simko.validate(parser.parse_args(flags))
+            flags.validate_simko(parser.parse_args(argv))
     gspo = parser.parse_args(["--simko"])
     if OLD:
         gspo.policy_loss_type = "gspo"  # 0.9.x: a flat dest
     else:
         gspo.actor = NS(policy_loss_type="gspo")
     with pytest.raises(ValueError, match="policy_loss_type"):
-        simko.validate(gspo)
+        flags.validate_simko(gspo)
 
 
 def _cpu_packing(monkeypatch):

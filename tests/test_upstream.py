@@ -1,4 +1,5 @@
-"""Version detection of the OpenRLHF that really imports (issue 15 item 5), on fake installs in temp dirs.
+"""Version detection of the OpenRLHF that really imports, on fake installs in temp dirs (a checkout on
+PYTHONPATH must not borrow the version of the wheel it shadows).
 
 A layout is chosen only when a distribution's file list (RECORD), or its editable-install record, holds
 the very package that `import openrlhf` finds. Anything else warns loudly, and the hooks patch nothing.

@@ -40,7 +40,8 @@ class DisabledFinder:
             dead = [v for v in (env.DRY_RUN, env.CPU) if env.env_flag(v)]
             if dead:
                 print(
-                    f"[openrlhf-passk] WARNING: {env.DISABLE} is on, so {' and '.join(dead)} has no effect: "
+                    f"[openrlhf-passk] WARNING: {env.DISABLE} is on, so {' and '.join(dead)} "
+                    f"{'has' if len(dead) == 1 else 'have'} no effect: "
                     "this is a plain OpenRLHF run (a real launch, no dry run, no CPU mode)",
                     file=sys.stderr,
                 )

@@ -4,8 +4,8 @@ and in plain words whether this machine can train.
 Exit status 0 when the installation works (a supported OpenRLHF is the one that imports, the hook is
 active, SimKO loads, and every upstream symbol of `upstream.TABLE` read on that release is where the row
 says), whether or not this machine can train (no GPU or no vLLM: dry runs and CPU mode only); 1 when the
-installation is broken, e.g. an upgraded OpenRLHF that moved a symbol we patch (each one is named, with the
-release the row was read on).
+installation is broken, e.g. an upgraded OpenRLHF that moved a symbol we patch: each one is named, with the
+releases the row was read on (an unsupported release is checked against the newest supported release's rows).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import site
+import subprocess
 import sys
 from pathlib import Path
 
@@ -114,35 +115,61 @@ def report() -> dict:
         "estimators": advantages.available(),
         "simko": simko_status,
         "patched_symbols": [f"{r.module}.{r.qualname}" for r in upstream.TABLE if r.kind != "read"],
-        "upstream_symbols": check_table(openrlhf) if supported else None,
-        "env": {key: os.environ[key] for key in env.SWITCHES if key in os.environ},
+        "upstream_symbols": check_table(openrlhf) if detected.location else None,
+        "env": {name: env.env_flag(name) for name in env.SWITCHES},
         "executable": sys.executable,
     }
 
 
-def check_table(version: str) -> dict:
-    """Every row of upstream.TABLE read on `version`, resolved in the OpenRLHF that imports: {"checked": n,
-    "missing": ["module.qualname (kind, read on ...): error", ...]}. Imports the modules the rows name (with
-    labelled stand-ins for a missing vllm / flash_attn, as a dry run has), so it takes seconds."""
-    from openrlhf_passk.integration import standins, upstream
-
-    ours = standins.installed() is None
-    standins.install("doctor")
-    rows = [r for r in upstream.TABLE if any(read.split(" ")[0] == version for read in r.read_on)]
-    missing = []
+# Run in a child interpreter with our hooks off: each row's module imported as upstream wrote it, so a moved
+# symbol fails its own row only (with the hooks on, the patch that expects it would fail the import of its
+# module, and of every module importing that one). Stand-ins for a missing vllm / flash_attn, as a dry run has.
+RESOLVE_ROWS = """
+import importlib, json, sys
+from openrlhf_passk.integration import standins, upstream
+standins.install("doctor")
+errors = []
+for module, qualname in json.load(sys.stdin):
     try:
-        for row in rows:
-            try:
-                upstream.resolve(importlib.import_module(row.module), row.qualname)
-            except Exception as exc:  # ImportError, AttributeError, or whatever a changed module raises
-                missing.append(
-                    f"{row.module}.{row.qualname} ({row.kind}, read on {', '.join(row.read_on)}): "
-                    f"{type(exc).__name__}: {exc}"
-                )
-    finally:
-        if ours:  # the stand-ins were for this check only
-            sys.meta_path.remove(standins.installed())
-    return {"checked": len(rows), "missing": missing}
+        upstream.resolve(importlib.import_module(module), qualname)
+        errors.append(None)
+    except Exception as exc:  # ImportError, AttributeError, or whatever a changed module raises
+        errors.append(f"{type(exc).__name__}: {exc}")
+print(json.dumps(errors))
+"""
+
+
+def check_table(version: str | None) -> dict:
+    """Every row of upstream.TABLE read on `version`, resolved in the OpenRLHF that imports: {"checked": n,
+    "read_on": release, "missing": ["module.qualname (kind, read on ...): error", ...]}. An unsupported or
+    unknown `version` (an upgrade, say) is checked against the rows of the newest supported release. Imports
+    the modules the rows name in a child process, so it takes seconds."""
+    from openrlhf_passk.integration import upstream
+
+    read_on = version if version in upstream.SUPPORTED_VERSIONS else upstream.SUPPORTED_VERSIONS[0]
+    rows = [r for r in upstream.TABLE if any(read.split(" ")[0] == read_on for read in r.read_on)]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRLHF_PASSK_")}
+    child_env[env.DISABLE] = "1"
+    # This process's import path, in its order: the child imports the same OpenRLHF (a copy on sys.path too).
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    run = subprocess.run(
+        [sys.executable, "-c", RESOLVE_ROWS],
+        input=json.dumps([[r.module, r.qualname] for r in rows]),
+        env=child_env,
+        capture_output=True,
+        text=True,
+    )
+    try:
+        errors = json.loads(run.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        tail = (run.stderr.strip() or run.stdout.strip() or f"exit status {run.returncode}")[-2000:]
+        return {"checked": len(rows), "read_on": read_on, "missing": [f"the check itself failed: {tail}"]}
+    missing = [
+        f"{row.module}.{row.qualname} ({row.kind}, read on {', '.join(row.read_on)}): {error}"
+        for row, error in zip(rows, errors, strict=True)
+        if error is not None
+    ]
+    return {"checked": len(rows), "read_on": read_on, "missing": missing}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         "  .pth file: " + (", ".join(hook["pth_files"]) or "not in site-packages (reinstall openrlhf-passk)")
     )
     if hook["disabled_by_env"]:
-        print("  disabled by OPENRLHF_PASSK_DISABLE")
+        print(f"  disabled by {env.DISABLE}")
     gpu = data["gpu"]
     print(f"gpu: {gpu['device_count']} CUDA device(s) {', '.join(gpu['devices'])}".rstrip())
     vllm = data["vllm"]
@@ -175,7 +202,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"openrlhf: {data['openrlhf']['location'] or 'not importable'}")
     print(f"verdict: {data['openrlhf']['verdict']}")
     if symbols is not None:
-        print(f"upstream symbols: {symbols['checked'] - len(symbols['missing'])} of {symbols['checked']} found")
+        found = f"{symbols['checked'] - len(symbols['missing'])} of {symbols['checked']} found"
+        if symbols["read_on"] != data["openrlhf"]["version"]:  # an unsupported release: what moved since ours
+            found += f" (the rows read on {symbols['read_on']}, the newest supported release)"
+        print(f"upstream symbols: {found}")
         for line in symbols["missing"]:
             print(f"  MISSING: {line}")
     print(f"training: {data['can_train']['verdict']}")

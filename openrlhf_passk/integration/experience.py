@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from openrlhf_passk import advantages, metrics
+from openrlhf_passk import advantages, env, metrics
 from openrlhf_passk.integration import resolve, upstream
 
 # The estimator call in progress in this thread (set only inside one of our estimators' calls).
@@ -35,7 +35,7 @@ def _prompt_entropy(experiences: list, grouped, name: str) -> torch.Tensor:
             f"rollout-time forward (experience.info[{ENTROPY_INFO!r}]), and {len(missing)} of "
             f"{len(experiences)} micro-batches have none: the openrlhf-passk capture did not run. It runs "
             "in the PPO policy Ray actors and the PPOTrainer Ray actor: install openrlhf-passk in the Ray "
-            "workers' environment and leave OPENRLHF_PASSK_DISABLE unset there. It never falls back to passk."
+            f"workers' environment and leave {env.DISABLE} unset there. It never falls back to passk."
         )
     return grouped(torch.cat([e.info[ENTROPY_INFO].float() for e in experiences])).mean(-1)
 

@@ -1,8 +1,10 @@
-"""Our flags on OpenRLHF's `train_ppo_ray` command line, and their validation before anything starts (driver).
+"""Our flags on OpenRLHF's `train_ppo_ray` command line, and their validation before anything starts (driver
+only).
 
-`extend_parser` adds them to OpenRLHF's own parser (so their values travel with `args` into the Ray
-workers, where `resolve.resolve` reads them each step); `validate` checks the whole estimator setting once,
-for every k of the k schedule, with the estimator's own declarations (`advantages.register`).
+`extend_parser` adds them, the estimators' and SimKO's, to OpenRLHF's own parser (so their values travel
+with `args` into the Ray workers, where `resolve.resolve` and `simko` read them); `validate` checks the whole
+estimator setting once, for every k of the k schedule, with the estimator's own declarations
+(`advantages.register`); `validate_simko` checks SimKO's.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import argparse
 from typing import Any
 
 from openrlhf_passk import advantages, env
-from openrlhf_passk.integration import reward, simko, upstream
-from openrlhf_passk.integration.resolve import PARAM_FLAGS, estimator_name, resolve
+from openrlhf_passk.integration import upstream
+from openrlhf_passk.integration.resolve import PARAM_FLAGS, estimator_name, resolve, settings
+from openrlhf_passk.integration.reward_preflight import DEFAULT_WAIT_S
 
+# The flags of the k schedule beyond --passk_k_schedule itself (None unless given); "step" only: switch_at.
+SCHEDULE_FLAGS = ("passk_k_end", "passk_k_schedule_steps", "passk_k_switch_at")
 # Flags that only make sense with one of our estimators (their defaults are None or the constant schedule).
-OUR_FLAGS = (*PARAM_FLAGS.values(), "passk_param", "passk_k_end", "passk_k_schedule_steps")
-SCHEDULE_FLAGS = ("passk_k_end", "passk_k_schedule_steps")
+OUR_FLAGS = (*PARAM_FLAGS.values(), "passk_param", *SCHEDULE_FLAGS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--passk_k_switch_at",
         type=float,
-        default=0.5,
-        help="'step' schedule: fraction of the steps after which k becomes --passk_k_end",
+        default=None,
+        help="'step' schedule: fraction in [0, 1] of the steps after which k becomes --passk_k_end (default 0.5)",
     )
     group.add_argument("--passk_num_groups", type=int, default=None, help="passk_bootstrap: groups M (default N)")
     group.add_argument(
@@ -86,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--passk_reward_wait",
         type=float,
-        default=reward.DEFAULT_WAIT_S,
+        default=DEFAULT_WAIT_S,
         metavar="SECONDS",
         help="before training, wait up to this long for an http(s) reward server's /health (0: no check). "
         "A .py reward file is always checked to load and define reward_func",
@@ -105,7 +109,7 @@ def extend_parser(parser: argparse.ArgumentParser, layout: upstream.Layout) -> N
             target.option_strings.append(alias)
             parser._option_string_actions[alias] = target
     add_arguments(parser)
-    simko.add_arguments(parser)
+    add_simko_arguments(parser)
 
 
 def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None, list[str]]:
@@ -113,7 +117,8 @@ def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None,
     flag at fault."""
     n = upstream.arg(args, layout.n_samples_dest)
     schedule = getattr(args, "passk_k_schedule", "constant")
-    if estimator_name(args, layout) is None:
+    name = estimator_name(args, layout)
+    if name is None:
         given = [f"--{flag}" for flag in OUR_FLAGS if getattr(args, flag, None) is not None]
         if schedule != "constant":
             given.append("--passk_k_schedule")
@@ -124,23 +129,8 @@ def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None,
                 f"choose one of {', '.join(advantages.available())}"
             )
         return None, []
-    if schedule == "constant":
-        stray = [f"--{flag}" for flag in SCHEDULE_FLAGS if getattr(args, flag, None) is not None]
-        if stray:
-            raise ValueError(
-                f"{' and '.join(stray)} set the k schedule, but --passk_k_schedule is constant (k stays "
-                f"--passk_k): add --passk_k_schedule linear or step, or drop {' and '.join(stray)}"
-            )
-    else:
-        for flag in SCHEDULE_FLAGS:
-            value = getattr(args, flag, None)
-            if value is not None and value < 1:
-                raise ValueError(f"--{flag} must be >= 1, got {value}")
-        k_end = args.passk_k_end
-        if k_end is not None and k_end > n:
-            raise ValueError(f"--passk_k_end must satisfy 1 <= k <= {layout.n_samples_flag} ({n}); got {k_end}")
-    resolved = resolve(args, layout, 0)
-    name, params = resolved["estimator"], resolved["params"]
+    check_k_schedule(args, name, n, layout)
+    params = resolve(args, layout, 0)["params"]
     estimator = advantages.spec(name)
     if n < 2:
         raise ValueError(f"{name} compares the rollouts of a prompt, so it needs {layout.n_samples_flag} >= 2, got {n}")
@@ -166,8 +156,9 @@ def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None,
 
     # One group per possible number of correct samples c = 0..N: finds the groups that learn nothing.
     pattern = (torch.arange(n).unsqueeze(0) < torch.arange(n + 1).unsqueeze(1)).float()
-    # The per-step inputs are known only at rollout time; the probes cover the cases they can select.
-    inputs = {"entropy": torch.zeros(n + 1)}
+    # The per-step inputs (one value per prompt, advantages.INPUTS) are known only at rollout time: each gets
+    # zeros here, and the estimator's probe variants cover the cases an input can select.
+    inputs = {i: torch.zeros(n + 1) for i in estimator.inputs}
     warnings, zero_counts = [], {}
     for k_value in ks:
         trial = {**params, "k": k_value} if k_value is not None else dict(params)
@@ -176,8 +167,7 @@ def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None,
                 estimator.check(n, trial)
             # The settings as given first (the estimator checks them), then its probe variants, if any.
             probes = [trial, *(estimator.probes(trial) if estimator.probes else [])]
-            adv = [advantages.compute(name, pattern, **probe, **{i: inputs[i] for i in estimator.inputs})
-                   for probe in probes]
+            adv = [advantages.compute(name, pattern, **probe, **inputs) for probe in probes]
             adv = adv[1:] or adv
         except ValueError as exc:
             flags = ", ".join(f"--{PARAM_FLAGS.get(p, 'passk_param ' + p)} {v}" for p, v in trial.items())
@@ -200,6 +190,7 @@ def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None,
             "k_start": args.passk_k,
             "k_end": 1 if args.passk_k_end is None else args.passk_k_end,
             "steps": args.passk_k_schedule_steps,
+            **({"switch_at": args.passk_k_switch_at} if args.passk_k_switch_at is not None else {}),
             "k_values": sorted(ks, reverse=True),
         },
         "zero_advantage_correct_counts": {str(k): _ranges(v) for k, v in zero_counts.items()},
@@ -212,6 +203,88 @@ def validate(args: Any, layout: upstream.Layout) -> tuple[dict[str, Any] | None,
     if params.get("seed") is not None:
         summary["seed"] = f"--passk_seed {args.passk_seed}: step s draws with SeedSequence([{args.passk_seed}, s])"
     return summary, warnings
+
+
+def check_k_schedule(args: Any, name: str, n: int, layout: upstream.Layout) -> None:
+    """The k schedule's flags, before the schedule is computed: each flag given is used by the schedule chosen,
+    and in range (ValueError naming the flag)."""
+    schedule = getattr(args, "passk_k_schedule", "constant")
+    given = [f"--{flag}" for flag in SCHEDULE_FLAGS if getattr(args, flag, None) is not None]
+    accepted, takes_any = settings(name)
+    if "k" not in accepted and not takes_any and (given or schedule != "constant"):
+        used = [f"--passk_k_schedule {schedule}"] * (schedule != "constant") + given
+        raise ValueError(
+            f"{' and '.join(used)}: the {name!r} estimator has no k to schedule (its parameters: "
+            f"{', '.join(accepted) or 'none'}); drop {' and '.join(flag.split()[0] for flag in used)}"
+        )
+    if schedule == "constant" and given:
+        raise ValueError(
+            f"{' and '.join(given)} set the k schedule, but --passk_k_schedule is constant (k stays --passk_k): "
+            f"add --passk_k_schedule linear or step, or drop {' and '.join(given)}"
+        )
+    switch_at = getattr(args, "passk_k_switch_at", None)
+    if switch_at is not None and schedule != "step":
+        raise ValueError(
+            f"--passk_k_switch_at is when the step schedule switches k, but --passk_k_schedule is {schedule}: "
+            "use --passk_k_schedule step, or drop --passk_k_switch_at"
+        )
+    if switch_at is not None and not 0 <= switch_at <= 1:
+        raise ValueError(
+            f"--passk_k_switch_at must be a fraction of --passk_k_schedule_steps in [0, 1] (0.5, the default, "
+            f"switches halfway), got {switch_at}"
+        )
+    for flag in ("passk_k_end", "passk_k_schedule_steps"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {value}")
+    k_end = getattr(args, "passk_k_end", None)
+    if k_end is not None and k_end > n:
+        raise ValueError(f"--passk_k_end must satisfy 1 <= k <= {layout.n_samples_flag} ({n}); got {k_end}")
+
+
+def add_simko_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the SimKO flags (same flat spelling on OpenRLHF 0.9.x and 0.11.x); simko.py reads them in the workers."""
+    group = parser.add_argument_group("SimKO (openrlhf-passk)")
+    group.add_argument("--simko", action="store_true", default=False, help="Enable SimKO (off by default)")
+    group.add_argument("--simko_top_k", type=int, default=3, help="SimKO: number of top-K candidates")
+    group.add_argument(
+        "--simko_tau",
+        type=float,
+        default=0.8,
+        help="SimKO: entropy quantile in [0, 1); tokens above it in their response are gated",
+    )
+    group.add_argument("--simko_alpha", type=float, default=0.01, help="SimKO: top-K mixing weight")
+    group.add_argument("--simko_lambda", type=float, default=1.1, help="SimKO: top-1 penalty factor")
+    group.add_argument(
+        "--simko_correct_threshold",
+        type=float,
+        default=0.5,
+        help="SimKO: a response is correct if its reward (before length penalties) is above this",
+    )
+
+
+def validate_simko(args: Any) -> None:
+    """Raise ValueError naming the flag and the fix when the SimKO settings cannot work."""
+    tau, k = args.simko_tau, args.simko_top_k
+    alpha, lam = args.simko_alpha, args.simko_lambda
+    if not 0.0 <= tau < 1.0:
+        raise ValueError(
+            f"--simko_tau must be in [0, 1), got {tau}: the gate keeps tokens whose entropy is above the "
+            "tau-quantile of their response, so tau = 1 gates no token and silently turns SimKO off "
+            "(use the default 0.8 = top 20% of tokens, or drop --simko)"
+        )
+    if k < 1:
+        raise ValueError(f"--simko_top_k must be >= 1, got {k}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--simko_alpha must be in [0, 1] (top-K mixing weight), got {alpha}")
+    if lam <= 0.0:
+        raise ValueError(f"--simko_lambda must be > 0 (1 = no top-1 penalty, default 1.1), got {lam}")
+    if args.simko:
+        layout = upstream.layout()
+        loss_type = upstream.setting(args, "policy_loss_type", layout) or "ppo"
+        if loss_type != "ppo":
+            flag = layout.flag("policy_loss_type")
+            raise ValueError(f"--simko works on the token-level PPO loss; {flag} is {loss_type!r}: use ppo")
 
 
 def length_penalties(args: Any, layout: upstream.Layout) -> list[str]:

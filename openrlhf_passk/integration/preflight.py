@@ -1,9 +1,10 @@
 """Everything the training driver checks and arranges before OpenRLHF's `train()` starts Ray (driver only).
 
 `parse_training_args` (called by hooks.py in place of OpenRLHF's parse_args) adds our flags, validates them
-(flags.validate, simko.validate), checks the model and data paths and the reward sources, then either
-swaps `train` for the dry run's report or precedes it by the wait for the reward server. `derived_sizes`
-repeats the GPU-count checks that OpenRLHF's train() makes before it asks Ray for anything.
+(flags.validate, flags.validate_simko), checks the model and data paths and the reward sources
+(reward_preflight), then either swaps `train` for the dry run's report or precedes it by the wait for the
+reward server. `derived_sizes` repeats the GPU-count checks that OpenRLHF's train() makes before it asks
+Ray for anything.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from openrlhf_passk import env
-from openrlhf_passk.integration import flags, reward, simko, upstream
+from openrlhf_passk.integration import flags, reward_preflight, upstream
 from openrlhf_passk.integration.resolve import load_estimator_module
+from openrlhf_passk.integration.reward import redact
 
 # A name that can only be a local path: absolute, relative with ./ ../ ~, or a file name with a suffix.
 # Hub ids are "name" or "org/name", so a name with two or more slashes is a local path too.
@@ -125,11 +127,11 @@ def parse_training_args(parser, original_parse, layout: upstream.Layout, args=No
         if not upstream.arg(ns, layout.model_dest):
             raise ValueError(f"{layout.model_flag} is required: the policy model to train (a local path or a hub id)")
         summary, warnings = flags.validate(ns, layout)
-        simko.validate(ns)
+        flags.validate_simko(ns)
         if ns.passk_reward_wait < 0:
             raise ValueError(f"--passk_reward_wait must be >= 0 seconds (0: no check), got {ns.passk_reward_wait}")
         input_report, input_warnings = check_inputs(ns)
-        reward_report, reward_warnings = reward.check_sources(reward_value, layout.reward_flag, dry_run)
+        reward_report, reward_warnings = reward_preflight.check_sources(reward_value, layout.reward_flag, dry_run)
     except ValueError as exc:
         parser.error(str(exc))
     warnings += input_warnings + reward_warnings
@@ -153,14 +155,14 @@ def parse_training_args(parser, original_parse, layout: upstream.Layout, args=No
 
 def _arm_reward_wait(reward_value, wait_s: float, flag: str) -> None:
     """Wait for http(s) reward servers right before OpenRLHF's `train()` (after its own checks, before Ray)."""
-    urls = [s for s in reward.sources(reward_value) if reward.is_http(s)]
+    urls = [s for s in reward_preflight.sources(reward_value) if reward_preflight.is_http(s)]
     if not urls:
         return
     main = sys.modules.get("__main__")
     if getattr(getattr(main, "__spec__", None), "name", None) == upstream.CLI_MODULE:
-        main.train = reward.wrap_train(main.train, urls, wait_s, flag)
+        main.train = reward_preflight.wrap_train(main.train, urls, wait_s, flag)
     else:  # parse_args called from elsewhere: wait now
-        reward.wrap_train(lambda args: None, urls, wait_s, flag)(None)
+        reward_preflight.wrap_train(lambda args: None, urls, wait_s, flag)(None)
 
 
 def _arm_dry_run(summary, warnings, reward_report=(), input_report=()) -> None:
@@ -264,5 +266,5 @@ def _plain(value):
         return str(value)
     # A reward URL may carry its token as ?token=...: never print it.
     if isinstance(value, str) and value.startswith(("http://", "https://")):
-        return ",".join(reward.redact(u) for u in value.split(","))
+        return ",".join(redact(u) for u in value.split(","))
     return value

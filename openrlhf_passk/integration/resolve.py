@@ -81,12 +81,7 @@ def resolve(args: Any, layout: upstream.Layout, step: int = 0) -> dict[str, Any]
     if name is None:
         return None
     estimator = advantages.spec(name)
-    signature = inspect.signature(estimator.fn).parameters
-    accepted = [
-        p for p in list(signature)[1:] if signature[p].kind is not inspect.Parameter.VAR_KEYWORD
-        and p not in estimator.inputs
-    ]
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+    accepted, takes_any = settings(name)
     params: dict[str, Any] = {}
     for param, flag in PARAM_FLAGS.items():
         value = getattr(args, flag, None)
@@ -114,7 +109,8 @@ def resolve(args: Any, layout: upstream.Layout, step: int = 0) -> dict[str, Any]
         params["seed"] = step_seed(params["seed"], step)
 
     schedule = getattr(args, "passk_k_schedule", "constant")
-    if "k" in accepted and "k" not in params and signature["k"].default is inspect.Parameter.empty:
+    k_required = "k" in accepted and inspect.signature(estimator.fn).parameters["k"].default is inspect.Parameter.empty
+    if k_required and "k" not in params:
         raise ValueError(f"the {name!r} estimator needs k: add --passk_k K (K <= n_samples_per_prompt)")
     if schedule != "constant":
         if "k" not in params:
@@ -127,9 +123,21 @@ def resolve(args: Any, layout: upstream.Layout, step: int = 0) -> dict[str, Any]
             k_end=1 if args.passk_k_end is None else args.passk_k_end,
             total_steps=args.passk_k_schedule_steps,
             kind=schedule,
-            switch_at=args.passk_k_switch_at,
+            **({} if args.passk_k_switch_at is None else {"switch_at": args.passk_k_switch_at}),
         )
     return {"estimator": name, "params": params, "inputs": estimator.inputs}
+
+
+def settings(name: str) -> tuple[list[str], bool]:
+    """The registry estimator's settings (its keyword parameters that are not per-step inputs), and whether
+    it takes any keyword (**kwargs)."""
+    estimator = advantages.spec(name)
+    signature = inspect.signature(estimator.fn).parameters
+    accepted = [
+        p for p in list(signature)[1:] if signature[p].kind is not inspect.Parameter.VAR_KEYWORD
+        and p not in estimator.inputs
+    ]
+    return accepted, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
 
 
 def step_seed(seed: int, step: int) -> int:

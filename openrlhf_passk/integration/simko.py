@@ -1,9 +1,9 @@
-"""SimKO (Peng et al. 2025) in OpenRLHF: flags, validation and the post-import patches.
+"""SimKO (Peng et al. 2025) in OpenRLHF: the post-import patches, which run in the Ray workers.
 
-The driver calls `add_arguments(parser)` and `validate(args)` on the training parser (flags.py,
-preflight.py), and the hooks run `patch_experience_maker` and `patch_ppo_actor` (rows of upstream.TABLE)
-once those upstream modules have been imported, in whichever process imports them: the experience maker
-runs in OpenRLHF's PPOTrainer Ray actor, the policy forward and the loss in the PPO policy Ray actors.
+The hooks run `patch_experience_maker` and `patch_ppo_actor` (rows of upstream.TABLE) once those upstream
+modules have been imported, in whichever process imports them: the experience maker runs in OpenRLHF's
+PPOTrainer Ray actor, the policy forward and the loss in the PPO policy Ray actors. SimKO's flags and their
+validation are the driver's (flags.add_simko_arguments, flags.validate_simko).
 Every wrapper calls the original unchanged unless `--simko` is on (or the estimator takes the rollout
 entropy, see below).
 
@@ -32,7 +32,6 @@ which `experience._registry_step` averages per prompt. SimKO's loss and fields s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 
+from openrlhf_passk import env
 from openrlhf_passk.integration import resolve, upstream
 from openrlhf_passk.integration.experience import ENTROPY_INFO
 from openrlhf_passk.losses import (
@@ -64,54 +64,6 @@ EXPERIENCE_FIELDS = {
     "simko_entropy": "step",  # (B, A) float: old policy's entropy at each position
     "simko_correct": "episode",  # (B,) float 0/1: raw reward > --simko_correct_threshold
 }
-
-
-# ── CLI ──
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the SimKO flags (same flat spelling on OpenRLHF 0.9.x and 0.11.x)."""
-    group = parser.add_argument_group("SimKO (openrlhf-passk)")
-    group.add_argument("--simko", action="store_true", default=False, help="Enable SimKO (off by default)")
-    group.add_argument("--simko_top_k", type=int, default=3, help="SimKO: number of top-K candidates")
-    group.add_argument(
-        "--simko_tau",
-        type=float,
-        default=0.8,
-        help="SimKO: entropy quantile in [0, 1); tokens above it in their response are gated",
-    )
-    group.add_argument("--simko_alpha", type=float, default=0.01, help="SimKO: top-K mixing weight")
-    group.add_argument("--simko_lambda", type=float, default=1.1, help="SimKO: top-1 penalty factor")
-    group.add_argument(
-        "--simko_correct_threshold",
-        type=float,
-        default=0.5,
-        help="SimKO: a response is correct if its reward (before length penalties) is above this",
-    )
-
-
-def validate(args: Any) -> None:
-    """Raise ValueError naming the flag and the fix when the SimKO settings cannot work."""
-    tau, k = args.simko_tau, args.simko_top_k
-    alpha, lam = args.simko_alpha, args.simko_lambda
-    if not 0.0 <= tau < 1.0:
-        raise ValueError(
-            f"--simko_tau must be in [0, 1), got {tau}: the gate keeps tokens whose entropy is above the "
-            "tau-quantile of their response, so tau = 1 gates no token and silently turns SimKO off "
-            "(use the default 0.8 = top 20% of tokens, or drop --simko)"
-        )
-    if k < 1:
-        raise ValueError(f"--simko_top_k must be >= 1, got {k}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"--simko_alpha must be in [0, 1] (top-K mixing weight), got {alpha}")
-    if lam <= 0.0:
-        raise ValueError(f"--simko_lambda must be > 0 (1 = no top-1 penalty, default 1.1), got {lam}")
-    if args.simko:
-        layout = upstream.layout()
-        loss_type = upstream.setting(args, "policy_loss_type", layout) or "ppo"
-        if loss_type != "ppo":
-            flag = layout.flag("policy_loss_type")
-            raise ValueError(f"--simko works on the token-level PPO loss; {flag} is {loss_type!r}: use ppo")
 
 
 def _config(args: Any) -> dict[str, float] | None:
@@ -272,7 +224,7 @@ def _training_step(original, self, experience, *args, **kwargs):
         raise RuntimeError(
             "--simko is on but this batch has no SimKO top-K ids: the experience maker (in OpenRLHF's "
             "PPOTrainer Ray actor) ran without the openrlhf-passk patches. Install openrlhf-passk in the Ray "
-            "workers' environment too, and leave OPENRLHF_PASSK_DISABLE unset there."
+            f"workers' environment too, and leave {env.DISABLE} unset there."
         )
     k = self._simko["k"]
     batch, num_actions = experience.action_mask.shape
@@ -345,7 +297,7 @@ def _make_experience(original, self, samples_list):
         raise RuntimeError(
             f"{needs} from the policy's rollout-time forward, but the policy Ray actors returned none: the "
             "openrlhf-passk patches are not active in the Ray workers (is openrlhf-passk installed in the "
-            "workers' environment, and OPENRLHF_PASSK_DISABLE unset there?)"
+            f"workers' environment, and {env.DISABLE} unset there?)"
         )
     for experience, out in zip(experiences, rollout, strict=True):
         if entropy_for is not None:

@@ -9,8 +9,8 @@ A stand-in module imports fine, but each of its attributes is a placeholder that
 called, instantiated or subclassed, naming the reason (isinstance/issubclass against one just answer False);
 dunders stay absent (`from vllm import __version__` is an ImportError).
 CPU mode may replace a placeholder with a working object by plain assignment (`sys.modules["vllm"].X = ...`).
-Hooks call `install("dry run")` or `install("CPU mode")`; nothing else does. Standard library only (upstream is
-plain data).
+The hooks call `install("dry run")` or `install("CPU mode")`, and `openrlhf-passk doctor` installs them in the
+child process that resolves the upstream table. Standard library only (upstream is plain data).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 read on; the flag spellings of each release (`LAYOUTS`); the version of the OpenRLHF that imports; and the
 one accessor of OpenRLHF's args (`arg`, `setting`).
 
-Nothing here imports OpenRLHF or torch: it is plain data, so the import hook can consult it at interpreter
-start. When a new OpenRLHF release is supported, re-read each row in that release, then add a layout entry.
+Nothing here imports OpenRLHF or torch (only our stdlib-only `env`): it is plain data, so the import hook can
+consult it at interpreter start. When a new OpenRLHF release is supported, re-read each row in that release,
+then add a layout entry.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from openrlhf_passk import env
 
 CLI_MODULE = "openrlhf.cli.train_ppo_ray"
 EXPERIENCE_MAKER_MODULE = "openrlhf.trainer.ppo_utils.experience_maker"
@@ -64,7 +67,7 @@ TABLE: tuple[Touch, ...] = (
           "`if __name__ == '__main__'`); acts only on the parser that defines OpenRLHF's estimator flag: extends "
           "its choices, adds our flags, validates, then puts the original back"),
     Touch(CLI_MODULE, "train", "runtime", "preflight:parse_training_args",
-          "in the __main__ namespace: replaced by the dry run's report (OPENRLHF_PASSK_DRY_RUN), or preceded by "
+          f"in the __main__ namespace: replaced by the dry run's report ({env.DRY_RUN}), or preceded by "
           "the wait for the reward server's /health (--passk_reward_wait)"),
     Touch("ray", "init", "runtime", "cluster:prepare",
           "driver only: joining a cluster (RAY_ADDRESS) first checks the address answers; our non-secret switches "
@@ -99,7 +102,7 @@ TABLE: tuple[Touch, ...] = (
     Touch(AGENT_MODULE, "SingleTurnAgentExecutor._fetch_rewards_via_http", "wrap", "reward:patch_agent",
           "as _fetch_rewards_via_func (upstream's HTTP retries stay: the wrapper sits outside them)"),
     Touch(AGENT_MODULE, "aiohttp", "rebind", "reward:patch_agent",
-          "a copy of aiohttp whose ClientSession adds `Authorization: Bearer $OPENRLHF_PASSK_REWARD_TOKEN` when "
+          f"a copy of aiohttp whose ClientSession adds `Authorization: Bearer ${env.REWARD_TOKEN}` when "
           "the variable is set (the reward POST is upstream's only aiohttp use in this module)"),
     Touch(AGENT_MODULE, "logger", "mutate", "reward:patch_agent",
           "a logging filter (passes every record) keeps the INFO lines of upstream's inner `_post_request`, so "
@@ -404,7 +407,7 @@ def detect_openrlhf() -> Detected:
             return Detected(str(package), dist.version)
     fix = (
         "install that copy (pip install -e <checkout>, or pip install --target with its metadata) or take "
-        "it off PYTHONPATH. OPENRLHF_PASSK_DISABLE=1 runs OpenRLHF without the extension"
+        f"it off PYTHONPATH. {env.DISABLE}=1 runs OpenRLHF without the extension"
     )
     if dists:
         found = ", ".join(f"{d.version} at {d.locate_file('')}" for d in dists)
@@ -428,7 +431,7 @@ def layout(version: str | None = None) -> Layout:
         raise UnsupportedVersion(
             f"openrlhf-passk supports OpenRLHF {' and '.join(SUPPORTED_VERSIONS)}, found "
             f"{version or 'none'}: install one of them (pip install openrlhf=={SUPPORTED_VERSIONS[0]}), "
-            "or set OPENRLHF_PASSK_DISABLE=1 to run OpenRLHF without the passk extension"
+            f"or set {env.DISABLE}=1 to run OpenRLHF without the passk extension"
         )
     return LAYOUTS[version]
 
