@@ -7,8 +7,10 @@ real 2-node Ray cluster and under real Slurm: tests/test_multinode_ray.py (marke
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -20,6 +22,7 @@ from types import SimpleNamespace
 import pytest
 import ray
 import yaml
+from helpers import RAYJOB, RAYJOB_SIZES, free_port, rayjob_render_flags, readme_ray_start
 from ray import exceptions as ray_exceptions
 
 from openrlhf_passk.integration import cluster, cpu_mode, upstream
@@ -180,9 +183,7 @@ def test_a_bad_wait_value_is_refused(monkeypatch, capsys):
 
 # ---- the address ---------------------------------------------------------------------------------------------------
 def test_an_address_nothing_answers_at_is_refused_in_seconds():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    port = free_port()
     started = time.monotonic()
     with pytest.raises(cluster.ClusterError) as err:
         cluster.check_address(f"127.0.0.1:{port}", f"RAY_ADDRESS=127.0.0.1:{port}", connect_s=1.5)
@@ -282,6 +283,28 @@ def test_a_lost_actor_gets_one_line_after_rays_traceback(monkeypatch, capsys):
     assert "(ActorDiedError: Ray node 10.0.0.2 was lost)" in summary
 
 
+def test_an_actor_whose_constructor_failed_is_not_called_lost():
+    """An actor that never started (a missing module on the node, say) was not lost: no advice to resume."""
+    import_error = ray_exceptions.RayTaskError("__init__", "Traceback ...", ModuleNotFoundError("No module named 'x'"))
+    assert cluster.lost_actor_error(ray_exceptions.ActorDiedError(import_error)) is None
+
+
+@pytest.mark.parametrize("release", upstream.SUPPORTED_VERSIONS)
+def test_the_lost_node_messages_name_the_installed_releases_resume_flags(release, monkeypatch):
+    load, save = upstream.layout(release).flag("ckpt_load"), upstream.layout(release).flag("save_steps")
+    if release == upstream.openrlhf_version():
+        parser_source = Path(importlib.util.find_spec("openrlhf").origin).parent / "cli" / "train_ppo_ray.py"
+    else:  # the other release's copy that `make install` puts next to the venv's OpenRLHF
+        parser_source = REPO / ".venv" / f"openrlhf-{release}" / "openrlhf" / "cli" / "train_ppo_ray.py"
+    if not parser_source.is_file():
+        pytest.fail(f"OpenRLHF {release}'s training CLI is missing at {parser_source} (`make install`)")
+    defined = re.findall(r'add_argument\(\s*"(--[\w.]+)"', parser_source.read_text())
+    assert load in defined and save in defined  # the release's own flags
+    monkeypatch.setattr(upstream, "openrlhf_version", lambda: release)
+    summary = cluster.lost_actor_summary(ray_exceptions.ActorDiedError(), {"10.0.0.2"})
+    assert summary.endswith(f"with {load} to resume from the last checkpoint ({save})")
+
+
 def test_the_watch_ends_a_run_that_hangs_after_its_node_died(monkeypatch, capsys):
     """A rank that waits in a collective for its lost peer would keep the driver waiting (NCCL/gloo time out
     after 30 min): once a node that hosts this job's actors is dead, the run gets LOST_NODE_GRACE_S more."""
@@ -315,8 +338,6 @@ def test_the_watch_ends_a_run_that_hangs_after_its_node_died(monkeypatch, capsys
 
 # ---- the README's cluster, render_k8s --entrypoint-of, the Slurm script --------------------------------------------
 def test_the_readme_shows_the_ray_start_commands_the_multinode_tests_run():
-    from test_multinode_ray import readme_ray_start
-
     head, other = readme_ray_start()
     assert head[:3] == ["ray", "start", "--head"] and "--port" in head and "--num-gpus" in head
     assert other[:3] == ["ray", "start", "--address"] and other[3].endswith(":" + head[head.index("--port") + 1])
@@ -337,36 +358,51 @@ def _flags(argv: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def test_entrypoint_of_changes_only_what_it_is_told(tmp_path):
-    """The RayJob's own entrypoint, with only the overridden values changed and, in CPU mode, the GPU-only
-    switches CPU mode refuses left out: every other token is the manifest's."""
+# The flag each recipe size sets (scripts/lib/maze_recipe.sh).
+SIZE_FLAGS = {
+    "N_SAMPLES": "--rollout.n_samples_per_prompt", "PASSK_K": "--passk_k", "ROLLOUT_BATCH_SIZE": "--rollout.batch_size",
+    "MICRO_ROLLOUT_BATCH_SIZE": "--rollout.micro_batch_size", "TRAIN_BATCH_SIZE": "--train.batch_size",
+    "MICRO_TRAIN_BATCH_SIZE": "--train.micro_batch_size", "MAX_LEN": "--data.max_len",
+    "MAX_NEW_TOKENS": "--rollout.max_new_tokens", "SAVE_STEPS": "--ckpt.save_steps",
+}  # fmt: skip
+
+
+def test_entrypoint_of_changes_only_what_it_is_told():
+    """The RayJob's entrypoint as the multi-node tests render it: every switch they use changes exactly its own
+    flags, to exactly its value, and, in CPU mode, the GPU-only switches CPU mode refuses are left out. Every
+    other token is the manifest's."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import render_k8s
     finally:
         sys.path.pop(0)
     manifest = yaml.safe_load((REPO / "k8s" / "rayjob-passk-2x8.yaml").read_text())["spec"]["entrypoint"]
-    out = _render("--entrypoint-of", "passk-maze-2x8", "--cpu-mode", "--gpus-per-node", "1", "--model", "/m",
-                  "--data-dir", "/d", "--runs-dir", "/r", "--reward-url", "http://127.0.0.1:9/get_reward",
-                  "--size", "N_SAMPLES=16", "--size", "SAVE_STEPS=1")  # fmt: skip
+    out = _render(*rayjob_render_flags("/m", "/d", "/r", "http://127.0.0.1:9/get_reward"))
     assert out.returncode == 0, out.stderr
     local = json.loads(out.stdout)
-    assert local["runtime_env"] == {"env_vars": {"OPENRLHF_PASSK_CPU": "1"}}
+    assert local["runtime_env"] == {"env_vars": {"OPENRLHF_PASSK_CPU": "1"}}  # --cpu-mode
     theirs, ours = _flags(shlex.split(manifest)), _flags(shlex.split(local["entrypoint"]))
     assert shlex.split(local["entrypoint"])[:3] == shlex.split(manifest)[:3]
-    assert set(theirs) - set(ours) == set(render_k8s.CPU_MODE_DROPS)
+    assert set(theirs) - set(ours) == set(render_k8s.CPU_MODE_DROPS)  # --cpu-mode
     refused = {f"--{dest}" for dest, is_set, _ in cpu_mode.REFUSED if is_set is bool}
     assert refused & set(theirs) <= set(render_k8s.CPU_MODE_DROPS)  # nothing CPU mode refuses stays in
-    changed = {flag for flag in ours if ours[flag] != theirs[flag]}
-    assert changed == {
-        "--actor.model_name_or_path", "--data.prompt_dataset", "--reward.remote_url", "--rollout.n_samples_per_prompt",
-        "--actor.num_gpus_per_node", "--vllm.num_engines", "--ckpt.path", "--ckpt.save_steps", "--ckpt.output_dir",
-        "--logger.tensorboard_dir", "--eval.dataset",
+
+    assert set(RAYJOB_SIZES) == set(SIZE_FLAGS)  # every --size the multi-node tests give is checked here
+    told = {SIZE_FLAGS[name]: [value] for name, value in RAYJOB_SIZES.items()}
+    told |= {
+        "--actor.model_name_or_path": ["/m"],  # --model
+        "--data.prompt_dataset": ["/d/train.jsonl"], "--eval.dataset": ["/d/test.jsonl"],  # --data-dir
+        "--reward.remote_url": ["http://127.0.0.1:9/get_reward"],  # --reward-url
+        "--actor.num_gpus_per_node": ["1"], "--vllm.num_engines": ["2"],  # --gpus-per-node 1 on 2 nodes
+        # --runs-dir, under the run name of 2 nodes x 1 GPU
+        "--ckpt.path": ["/r/passk-maze-2x1/ckpt"], "--ckpt.output_dir": ["/r/passk-maze-2x1/model"],
+        "--logger.tensorboard_dir": ["/r/passk-maze-2x1/tensorboard"],
     }  # fmt: skip
-    assert ours["--ckpt.path"] == ["/r/passk-maze-2x1/ckpt"] and ours["--vllm.num_engines"] == ["2"]
+    assert all(theirs[flag] != value for flag, value in told.items())  # each override differs from the manifest
+    assert {flag: value for flag, value in ours.items() if value != theirs[flag]} == told
     assert list(ours) == [flag for flag in theirs if flag in ours]  # same order
 
-    plain = json.loads(_render("--entrypoint-of", "passk-maze-2x8").stdout)
+    plain = json.loads(_render("--entrypoint-of", RAYJOB).stdout)
     assert plain == {"entrypoint": manifest, "runtime_env": {}}  # no override: the manifest's string itself
 
 

@@ -56,6 +56,19 @@ def test_every_row_resolves_in_the_release_it_was_read_on(release):
     assert result == {"checked": len(expected), "read_on": release, "missing": []}
 
 
+@pytest.mark.parametrize("release", ["0.11.2", "0.9.10"])
+def test_every_flag_of_the_release_layout_is_one_its_parser_defines(release):
+    """The one per-release flag table (upstream.LAYOUTS) against the release's own training CLI source: a flag
+    renamed upstream would otherwise be read as missing (None) or named wrongly in our messages."""
+    root = SITE if release == upstream.openrlhf_version() else OLD_COPY
+    source = root / "openrlhf" / "cli" / "train_ppo_ray.py"
+    if not source.is_file():
+        pytest.fail(f"OpenRLHF {release}'s training CLI is missing at {source} (`make install`)")
+    defined = set(re.findall(r'add_argument\(\s*"(--[\w.]+)"', source.read_text()))
+    layout = upstream.LAYOUTS[release]
+    assert {layout.flag(key) for key in layout.dests} - defined == set()
+
+
 def test_doctor_names_a_moved_symbol_with_its_release(monkeypatch, capsys):
     from openrlhf_passk.integration import doctor
 

@@ -8,7 +8,8 @@ KubeRay, Slurm), the wrapper:
 - forwards our own non-secret switches (`FORWARDED_ENV`) to every worker through the job's
   runtime_env: the workers of a cluster inherit the environment of the `ray start` that made their node,
   not the driver's: a CPU-mode driver on a cluster started without OPENRLHF_PASSK_CPU would otherwise lose
-  its first actor (`No module named 'flash_attn'` in PolicyModelActor, CPU mode's stand-ins missing).
+  its first actor (`No module named 'flash_attn'` in PolicyModelActor where vLLM is installed, `'vllm'` where
+  it is not: CPU mode's stand-ins missing).
   Secrets (`SECRET_ENV`) are never forwarded: Ray shows a job's runtime_env on its dashboard. They must
   be exported on every node before `ray start`, which `_probe_nodes` checks;
 - checks, on every node, that the Python Ray runs there has this package and the driver's OpenRLHF.
@@ -307,6 +308,14 @@ def _probe_nodes(timeout_s: float = NODE_PROBE_TIMEOUT_S) -> dict[str, dict | Ba
 
 
 # ---- a node lost mid-run ---------------------------------------------------------------------------------------
+def resume_flags() -> tuple[str, str]:
+    """(the flag that resumes from the last checkpoint, the one that sets how often a checkpoint is saved) in
+    the installed OpenRLHF's spelling; the newest release's when the installed one is unknown."""
+    version = upstream.openrlhf_version()
+    layout = upstream.layout(version if version in upstream.LAYOUTS else upstream.SUPPORTED_VERSIONS[0])
+    return layout.flag("ckpt_load"), layout.flag("save_steps")
+
+
 def _our_actor_nodes(job_id: str) -> dict[str, str]:
     """Node id -> IP of the nodes that host (or hosted) this job's actors."""
     import ray
@@ -338,7 +347,7 @@ def _watch_nodes(job_id: str, stop: threading.Event, grace_s: float) -> None:
         print(
             f"{TAG} error: Ray node {', '.join(sorted(lost))} was lost during training, and with it actors of this run "
             "(OpenRLHF does not restart them): the run cannot continue. Start it again on a healthy cluster with "
-            f"--ckpt.load_enable to resume from the last checkpoint. Stopping within {grace_s:.0f} s.",
+            f"{resume_flags()[0]} to resume from the last checkpoint. Stopping within {grace_s:.0f} s.",
             file=sys.stderr,
             flush=True,
         )
@@ -353,14 +362,15 @@ _lost_nodes: set[str] = set()
 
 
 def lost_actor_error(exc: BaseException | None) -> BaseException | None:
-    """The innermost Ray error in `exc` (or what caused it) that says an actor or a node of this run is gone."""
+    """The innermost Ray error in `exc` (or what caused it) that says an actor or a node of this run is gone. An
+    actor whose own constructor failed (an import error, say) was never lost: Ray's traceback says it all."""
     from ray import exceptions
 
     gone = (exceptions.RayActorError, exceptions.NodeDiedError, exceptions.OwnerDiedError)
     found, seen = None, set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, gone):
+        if isinstance(exc, gone) and not getattr(exc, "actor_init_failed", False):
             found = exc
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return found
@@ -377,10 +387,11 @@ def lost_actor_summary(exc: BaseException, lost_nodes: set[str]) -> str:
         why = f"Ray node {', '.join(sorted(lost_nodes))} was lost"
     else:
         why = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    load, save = resume_flags()
     return (
         f"{TAG} error: Ray lost {actor.group(1) if actor else 'an actor'} of this run ({type(exc).__name__}: {why}). "
         "OpenRLHF does not restart its actors, so the run cannot continue: start it again on a healthy cluster with "
-        "--ckpt.load_enable to resume from the last checkpoint (--ckpt.save_steps)"
+        f"{load} to resume from the last checkpoint ({save})"
     )
 
 

@@ -314,6 +314,9 @@ _SETTINGS = {
     "train_batch": ("train.batch_size", "train_batch_size"),
     "epochs": ("train.max_epochs", "max_epochs"),
     "policy_loss_type": ("actor.policy_loss_type", "policy_loss_type"),
+    # named in our messages only (how to resume a run that lost a node)
+    "ckpt_load": ("ckpt.load_enable", "load_checkpoint"),
+    "save_steps": ("ckpt.save_steps", "save_steps"),
 }
 
 LAYOUTS: dict[str, Layout] = {
