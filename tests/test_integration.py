@@ -457,6 +457,7 @@ def test_disable_with_the_cpu_variable_gives_one_warning_line(cli_runs):
 def test_schedule_flags_without_a_schedule_and_k_twice_are_refused(cli_runs):
     _refused(cli_runs["schedule_flag_alone"], "--passk_k_end set the k schedule, but --passk_k_schedule is constant")
     _refused(cli_runs["switch_at_alone"], "--passk_k_switch_at set the k schedule, but --passk_k_schedule is constant")
+    _refused(cli_runs["switch_at_alone"], "add --passk_k_schedule step, or drop --passk_k_switch_at")
     _refused(cli_runs["k_twice"], "--passk_param k=3 sets k a second time: --passk_k already gives 8")
     run = cli_runs["schedule_without_k"]
     _refused(run, "--passk_k_schedule linear: the 'grpo' estimator has no k to schedule", "drop --passk_k_schedule")

@@ -220,7 +220,8 @@ def check_k_schedule(args: Any, name: str, n: int, layout: upstream.Layout) -> N
     if schedule == "constant" and given:
         raise ValueError(
             f"{' and '.join(given)} set the k schedule, but --passk_k_schedule is constant (k stays --passk_k): "
-            f"add --passk_k_schedule linear or step, or drop {' and '.join(given)}"
+            f"add --passk_k_schedule {'step' if '--passk_k_switch_at' in given else 'linear or step'}, or drop "
+            f"{' and '.join(given)}"
         )
     switch_at = getattr(args, "passk_k_switch_at", None)
     if switch_at is not None and schedule != "step":
