@@ -56,7 +56,9 @@ END_MARKERS = (
 
 
 # Reversed, so a forward match from the start finds the whole trailer; no marker is a suffix of another.
-_TRAILER = re.compile("(?:\\s|" + "|".join(re.escape(m[::-1]) for m in END_MARKERS) + ")*")
+# Possessive (*+): nothing follows the group, so there is never anything to backtrack to, and a plain * made
+# the regex engine keep backtracking state for every repetition (about 150 bytes per character of trailer).
+_TRAILER = re.compile("(?:\\s|" + "|".join(re.escape(m[::-1]) for m in END_MARKERS) + ")*+")
 
 
 def _last(haystack: str, needle: str) -> int:
