@@ -214,8 +214,7 @@ def check(args: argparse.Namespace) -> list[str]:
         problems.append(f"--test-mazes {args.test_mazes} must be >= 1")
     if args.eval_batch < args.eval_n or args.eval_batch < args.curve_n:
         problems.append(f"--eval-batch {args.eval_batch} must hold one maze's samples (>= --eval-n and --curve-n)")
-    if args.resamples < 100:
-        problems.append(f"--resamples {args.resamples}: use at least 100 (10000 gives p-values to about 0.001)")
+    problems += resamples_problems(args.resamples)
     if args.jobs < 1 or args.threads < 1:
         problems.append("--jobs and --threads must be >= 1")
     if args.dim % args.heads or args.dim // args.heads not in VLLM_CPU_HEAD_SIZES:
@@ -236,11 +235,18 @@ def check(args: argparse.Namespace) -> list[str]:
     return problems
 
 
+def resamples_problems(resamples: int) -> list[str]:
+    """--resamples checked for training and --merge alike (both compute the statistics)."""
+    if resamples >= 100:
+        return []
+    return [f"--resamples {resamples}: use at least 100 (10000 gives p-values to about 0.001)"]
+
+
 def run(args: argparse.Namespace) -> int:
     if args.report:
         problems = []
     elif args.merge:  # the merge recomputes the statistics: its resampling is the one training flag it uses
-        problems = [] if args.resamples >= 100 else [f"--resamples {args.resamples}: use at least 100"]
+        problems = resamples_problems(args.resamples)
     else:
         problems = check(resolve(args))
     if problems:

@@ -193,6 +193,8 @@ def test_one_seed_alone_reproduces_that_seed_and_merges(short_run, tmp_path, cap
     capsys.readouterr()
     assert main(["sandbox", "--merge", str(tmp_path), str(tmp_path), "--out", str(merged)]) == 2
     assert "occur twice" in capsys.readouterr().err
+    assert main(["sandbox", "--merge", str(alone3), str(tmp_path), "--resamples", "50", "--out", str(merged)]) == 2
+    assert "--resamples 50: use at least 100" in capsys.readouterr().err
     other = tmp_path / "other"
     other.mkdir()
     (other / "summary.json").write_text(json.dumps({**part, "settings": {**part["settings"], "rl_steps": 9}}))
