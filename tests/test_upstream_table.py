@@ -52,7 +52,7 @@ def test_every_row_resolves_in_the_release_it_was_read_on(release):
     run = _child(CHECK_TABLE, pythonpath=paths)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    expected = [r for r in upstream.TABLE if any(read.split(" ")[0] == release for read in r.read_on)]
+    expected = [r for r in upstream.TABLE if upstream.was_read_on(r, release)]
     assert result == {"checked": len(expected), "read_on": release, "missing": []}
 
 
@@ -114,7 +114,7 @@ def test_doctor_names_exactly_the_symbol_that_really_moved(version, tmp_path):
     )
     assert run.returncode == 1, run.stdout + run.stderr[-3000:]
     assert f"openrlhf: {tmp_path / 'openrlhf'}" in run.stdout  # the copy is what was checked
-    rows = [r for r in upstream.TABLE if any(read.split(" ")[0] == installed for read in r.read_on)]
+    rows = [r for r in upstream.TABLE if upstream.was_read_on(r, installed)]
     found = f"upstream symbols: {len(rows) - 1} of {len(rows)} found"
     assert found in run.stdout, run.stdout
     if version != installed:
@@ -222,7 +222,7 @@ def _expected(release: str, engine: str | None) -> list[str]:
     rows = [
         r for r in upstream.TABLE
         if r.kind in upstream.PATCHING_KINDS and upstream.active(r, engine)
-        and any(read.split(" ")[0] == release for read in r.read_on)
+        and upstream.was_read_on(r, release)
     ]
     return sorted(f"{r.module}:{r.qualname}" for r in rows)
 

@@ -44,7 +44,11 @@ RAM_DEEPSPEED_GIB = 0.7  # one DeepSpeed model process (torch, DeepSpeed, a Ray 
 RAM_VLLM_ENGINE_GIB = 1.2  # one vLLM engine, its Ray actor and vLLM's engine-core process: 2.26 GB with 1 GiB of KV
 RAM_HF_ENGINE_GIB = 0.5  # one HF stand-in engine (a Ray actor): 0.46 GB
 RAM_DEEPSPEED_BUILD_GIB = 3.1  # the first run's build of DeepSpeed's CPU op: two compilers, 3.27 GB in all
-CPU_VERSIONS = ("0.11.2",)  # the release every redirect below was read on
+# The releases every CPU-mode row of the table was read on.
+CPU_VERSIONS = tuple(
+    v for v in upstream.SUPPORTED_VERSIONS
+    if all(upstream.was_read_on(r, v) for r in upstream.TABLE if r.when != "always")
+)
 TAG = "[openrlhf-passk] CPU mode"
 
 # Flags CPU mode cannot honour: (argparse dest, is it set?, why). Checked before Ray starts.

@@ -147,7 +147,7 @@ def check_table(version: str | None) -> dict:
     from openrlhf_passk.integration import upstream
 
     read_on = version if version in upstream.SUPPORTED_VERSIONS else upstream.SUPPORTED_VERSIONS[0]
-    rows = [r for r in upstream.TABLE if any(read.split(" ")[0] == read_on for read in r.read_on)]
+    rows = [r for r in upstream.TABLE if upstream.was_read_on(r, read_on)]
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRLHF_PASSK_")}
     child_env[env.DISABLE] = "1"
     # This process's import path, in its order: the child imports the same OpenRLHF (a copy on sys.path too).

